@@ -260,14 +260,24 @@ class Phi(nn.Module):
     # ---- generation --------------------------------------------------------------------------------
 
     def setup_cache(self, batch_size, max_len, dtype=None, device=None):
-        p = self.lm_head.weight
+        """Preallocate every layer's KV cache; an existing cache of the same shape is reused (no recompiles)."""
+        dtype, device = dtype or self.model.final_layernorm.weight.dtype, device or self.lm_head.weight.device
         for block in self.model.layers:
-            block.self_attn.kv_cache = KVCache(batch_size, max_len, self.config.num_key_value_heads, self.config.head_dim,
-                                               dtype or self.model.final_layernorm.weight.dtype, device or p.device)
+            old = block.self_attn.kv_cache
+            if old is None or old.k.shape[0] != batch_size or old.k.shape[2] != max_len or old.k.dtype != dtype:
+                block.self_attn.kv_cache = KVCache(batch_size, max_len, self.config.num_key_value_heads,
+                                                   self.config.head_dim, dtype, device)
 
     def clear_cache(self):
         for block in self.model.layers:
             block.self_attn.kv_cache = None
+
+    def compiled_decode_step(self, mode=None):
+        """decode_step under torch.compile (one graph: shapes are static because the cache is preallocated).
+        mode="reduce-overhead" adds CUDA graphs on GPU."""
+        if getattr(self, "_compiled", None) is None or self._compiled[0] != mode:
+            self._compiled = (mode, torch.compile(self.decode_step, fullgraph=True, dynamic=False, mode=mode))
+        return self._compiled[1]
 
     def decode_step(self, tokens, position_ids, cache_slots, key_mask):
         """One cached step: tokens (B, 1) at position_ids (B, 1) into column cache_slots (1,). Returns (B, vocab)."""
@@ -276,10 +286,11 @@ class Phi(nn.Module):
 
     @torch.inference_mode()
     def generate_stream(self, idx=None, max_new_tokens=128, *, temperature=1.0, top_k=None, top_p=None, eos_id=50256,
-                        attention_mask=None, inputs_embeds=None, generator=None, decode_step=None):
+                        attention_mask=None, inputs_embeds=None, generator=None, compile=None):
         """Yields the next token of every sequence, (B,), until max_new_tokens or all have produced eos_id.
         Prompts of different lengths are left-padded with attention_mask marking the real tokens.
-        Finished sequences keep yielding eos_id."""
+        Finished sequences keep yielding eos_id. compile=None decodes eagerly; compile="default" (or
+        "reduce-overhead", "max-autotune") uses a compiled step over a context-sized cache kept between calls."""
         prompt = idx if inputs_embeds is None else inputs_embeds
         if prompt is None:
             raise ValueError("pass idx or inputs_embeds")
@@ -295,11 +306,12 @@ class Phi(nn.Module):
         mask = torch.ones(B, T, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool().to(device)
         if not mask.any(-1).all():
             raise ValueError("a prompt in the batch is entirely padding")
-        key_mask = torch.zeros(B, T + max_new_tokens, dtype=torch.bool, device=device)
+        cache_len = self.config.max_position_embeddings if compile else T + max_new_tokens
+        key_mask = torch.zeros(B, cache_len, dtype=torch.bool, device=device)
         key_mask[:, :T] = mask
         position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        decode_step = decode_step or self.decode_step
-        self.setup_cache(B, T + max_new_tokens)
+        decode_step = self.compiled_decode_step(None if compile == "default" else compile) if compile else self.decode_step
+        self.setup_cache(B, cache_len)
         try:
             h = self.hidden_states(idx, inputs_embeds=inputs_embeds, position_ids=position_ids,
                                    attention_mask=key_mask, cache_slots=torch.arange(T, device=device))
@@ -318,15 +330,16 @@ class Phi(nn.Module):
                 logits = decode_step(token[:, None], next_pos, torch.tensor([T + i], device=device), key_mask)
                 next_pos = next_pos + 1
         finally:
-            self.clear_cache()
+            if not compile:
+                self.clear_cache()
 
     @torch.inference_mode()
     def generate(self, idx=None, max_new_tokens=128, *, temperature=1.0, top_k=None, top_p=None, eos_id=50256,
-                 attention_mask=None, inputs_embeds=None, generator=None):
+                 attention_mask=None, inputs_embeds=None, generator=None, compile=None):
         """Returns (B, T + new) token ids (with inputs_embeds only the new ids, (B, new))."""
         new = list(self.generate_stream(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                         eos_id=eos_id, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                                        generator=generator))
+                                        generator=generator, compile=compile))
         new = torch.stack(new, dim=1)
         return new if idx is None else torch.cat((idx, new), dim=1)
 

@@ -263,3 +263,17 @@ def test_empty_and_too_long_prompts(checkpoint):
         ours.generate(torch.zeros(1, 120, dtype=torch.long), 20)
     with pytest.raises(ValueError, match="longer than the context"):
         ours(torch.zeros(1, 129, dtype=torch.long))
+
+
+def test_compiled_decode_is_one_graph_with_identical_tokens(checkpoint, monkeypatch):
+    """The compiled step captures whole (fullgraph=True); the eager backend keeps the test fast, inductor runs in bench/gpu.sh."""
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, mode=None, **kw: real_compile(fn, backend="eager", **kw))
+    _, path = checkpoint
+    ours = Phi.from_pretrained(path)
+    idx = torch.randint(0, 512, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[0, :3] = 0
+    eager = ours.generate(idx, 12, temperature=0, eos_id=None, attention_mask=mask)
+    for _ in range(2):  # the second call reuses the cache and the graph
+        assert torch.equal(ours.generate(idx, 12, temperature=0, eos_id=None, attention_mask=mask, compile="default"), eager)
