@@ -60,9 +60,11 @@ class ChatModel:
         return self.model.config.max_position_embeddings
 
     def transcribe(self, audio):
-        """Speech (path or bytes) -> text, with the Whisper model named by --whisper / OMNIPHI_WHISPER."""
+        """Speech (path, bytes or a decoded 16 kHz array) -> text, with the Whisper of --whisper / OMNIPHI_WHISPER."""
+        import numpy as np
+
         from audio import load_audio, transcribe
-        return transcribe(load_audio(audio), model=self.whisper)
+        return transcribe(audio if isinstance(audio, np.ndarray) else load_audio(audio), model=self.whisper)
 
     def prompt_embeddings(self, messages, images=()):
         """Chat messages (content with '<image>' placeholders) + PIL images in order -> (embeddings (1, T, D), T)."""
