@@ -1,0 +1,288 @@
+"""
+Browser tests of the chat page (static/ + serve.py), with Playwright driving Debian's Chromium headless (never a
+downloaded browser): typing and streaming, Stop, images by button / drag-and-drop / paste, an uploaded audio file
+and a live recording from Chromium's fake microphone (transcribed by the real Whisper tiny.en), multi-turn
+context, conversations kept across a reload, safe rendering of hostile model output, and clear messages when the
+server refuses a request or speech is unavailable. The model is a scripted stand-in (ScriptedChat) whose answer
+describes what reached it, so the page's behaviour can be checked exactly. Screenshots go to tests/artifacts/, and
+one conversation is saved as docs/chat.png for the README.
+"""
+
+import base64
+import io
+from pathlib import Path
+
+import pytest
+
+from serve import ServeConfig, create_app
+from test_serve_api import WHISPER_PATH, ScriptedChat, live_server, one_torch_thread, speak  # noqa: F401 (autouse fixture)
+
+CHROMIUM = Path("/usr/bin/chromium")
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "tests/artifacts"
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's Chromium (/usr/bin/chromium) is not installed")
+
+HOSTILE = ('Look: <script>window.pwned = 1</script><img src=x onerror="window.pwned = 2"> and '
+           '[click](javascript:window.pwned=3) <iframe src="javascript:window.pwned=4"></iframe>\n\n'
+           '```html\n<script>window.pwned = 5</script>\n```')
+
+
+def describe(messages, images):
+    """The scripted answer: a Markdown summary of what reached the model."""
+    last = messages[-1]["content"]
+    if "hostile" in last:
+        return HOSTILE
+    if "long answer" in last:
+        return "counting " * 600
+    typed = [line for line in last.split("\n") if line and line != "<image>" and not line.startswith("(spoken)")]
+    spoken = [line.removeprefix("(spoken) ") for line in last.split("\n") if line.startswith("(spoken)")]
+    lines = ["**What reached the model**", ""]
+    if images:
+        sizes = ", ".join(f"{im.width}×{im.height}" for im in images)
+        lines.append(f"- {len(images)} image{'s' if len(images) > 1 else ''} in this chat ({sizes} pixels)")
+    if spoken:
+        lines.append(f"- speech, heard as *{spoken[0]}*")
+    if typed:
+        lines.append(f"- your text: *{' '.join(typed)}*")
+    if len(messages) > 1:
+        lines.append(f"- {len(messages) - 1} earlier message{'' if len(messages) == 2 else 's'} of this conversation")
+    if not images and not spoken:
+        lines += ["", "Your turn as the chat template receives it:", "", "```text", last, "```"]
+    return "\n".join(lines)
+
+
+@pytest.fixture(scope="module")
+def speech_wav(tmp_path_factory):
+    if not WHISPER_PATH.is_file():
+        pytest.skip(f"real Whisper weights not found at {WHISPER_PATH}")
+    return speak("What color is the sky?", tmp_path_factory.mktemp("browser") / "speech.wav")
+
+
+@pytest.fixture(scope="module")
+def chat():
+    return ScriptedChat(describe, delay=0.02)
+
+
+@pytest.fixture(scope="module")
+def server(chat):
+    with live_server(create_app(chat, ServeConfig())) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def browser(speech_wav):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-extensions",
+            "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+            f"--use-file-for-fake-audio-capture={speech_wav}%noloop"])
+        yield browser
+        browser.close()
+
+
+@pytest.fixture()
+def page(browser, server):
+    context = browser.new_context(viewport={"width": 1280, "height": 820}, color_scheme="light", bypass_csp=True,
+                                  permissions=["microphone", "clipboard-read", "clipboard-write"])
+    page = context.new_page()
+    errors = []
+    page.on("pageerror", lambda err: errors.append(str(err)))
+    page.goto(server)
+    page.wait_for_function("document.querySelector('#model-name').textContent !== 'connecting…'")
+    yield page
+    context.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+def image_file(kind="shape"):
+    from PIL import Image, ImageDraw
+    if kind == "photo":
+        from skimage import data
+        image = Image.fromarray(data.chelsea())
+    else:
+        image = Image.new("RGB", (64, 64), "white")
+        ImageDraw.Draw(image).ellipse((12, 12, 52, 52), fill=(220, 40, 40))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return {"name": f"{kind}.png", "mimeType": "image/png", "buffer": buffer.getvalue()}
+
+
+def send(page, text):
+    page.fill("#input", text)
+    page.press("#input", "Enter")
+
+
+def wait_for_answer(page, n):
+    """Wait until the page shows n finished assistant messages; returns the last one."""
+    page.wait_for_function(
+        f"document.querySelectorAll('.message.assistant:not(.streaming)').length >= {n}", timeout=60_000)
+    return page.locator(".message.assistant").nth(n - 1)
+
+
+def drop_or_paste(page, file, event):
+    page.evaluate("""([b64, name, event]) => {
+        const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+        const transfer = new DataTransfer();
+        transfer.items.add(new File([bytes], name, { type: "image/png" }));
+        if (event === "drop") {
+            document.dispatchEvent(new DragEvent("dragenter", { dataTransfer: transfer, bubbles: true }));
+            document.dispatchEvent(new DragEvent("drop", { dataTransfer: transfer, bubbles: true, cancelable: true }));
+        } else {
+            document.dispatchEvent(new ClipboardEvent("paste", { clipboardData: transfer, bubbles: true, cancelable: true }));
+        }
+    }""", [base64.b64encode(file["buffer"]).decode(), file["name"], event])
+
+
+# -----------------------------------------------------------------------------
+
+def test_conversation_with_text_images_speech_and_reload(page, chat, speech_wav):
+    # 1. type and send: the answer streams in (Stop visible meanwhile), rendered as Markdown
+    send(page, "Hello! What can you do?")
+    page.wait_for_selector(".message.assistant.streaming")
+    assert page.is_visible("#stop") and not page.is_visible("#send")
+    answer = wait_for_answer(page, 1)
+    assert "What reached the model" in answer.locator("strong").first.inner_text()
+    assert "Hello! What can you do?" in answer.locator("em").first.inner_text()
+    assert answer.locator("pre code").inner_text() == "Hello! What can you do?"
+    assert page.is_visible("#send") and not page.is_visible("#stop")
+    page.screenshot(path=str(ARTIFACTS / "1-text.png"))
+
+    # 2. images: button (thumbnail, removable), drag and drop, paste; then send with text
+    page.set_input_files("#image-file", [image_file("shape")])
+    page.wait_for_selector(".attachments .thumb img")
+    page.click(".attachments .thumb .remove")
+    assert page.locator(".attachments .thumb").count() == 0
+    page.set_input_files("#image-file", [image_file("photo")])
+    page.wait_for_function("document.querySelectorAll('.attachments .thumb').length === 1")
+    drop_or_paste(page, image_file("shape"), "drop")
+    page.wait_for_function("document.querySelectorAll('.attachments .thumb').length === 2")
+    drop_or_paste(page, image_file("shape"), "paste")
+    page.wait_for_function("document.querySelectorAll('.attachments .thumb').length === 3")
+    page.click(".attachments .thumb:nth-child(3) .remove")
+    page.wait_for_function("document.querySelectorAll('.attachments .thumb').length === 2")
+    send(page, "What is in these pictures?")
+    answer = wait_for_answer(page, 2)
+    assert "2 images in this chat (451×300, 64×64 pixels)" in answer.inner_text()
+    assert page.locator(".message.user .images img").count() == 2
+    call = chat.calls[-1]
+    assert [m["role"] for m in call["messages"]] == ["user", "assistant", "user"]
+    assert call["messages"][-1]["content"] == "<image>\n<image>\nWhat is in these pictures?"
+
+    # 3. an uploaded audio file: the transcript appears under it
+    page.set_input_files("#audio-file", str(speech_wav))
+    page.wait_for_selector(".attachments .audio-chip audio")
+    page.click("#send")
+    page.wait_for_selector(".voice .transcript:not(.pending)", timeout=60_000)
+    heard = page.locator(".voice .transcript").first.inner_text()
+    assert "sky" in heard.lower(), heard
+    answer = wait_for_answer(page, 3)
+    assert "speech, heard as" in answer.inner_text()
+    call = chat.calls[-1]  # multi-turn context: both earlier turns, images included, went back to the model
+    assert len(call["messages"]) == 5 and len(call["images"]) == 2
+    assert call["messages"][-1]["content"].startswith("(spoken) ") and "sky" in call["messages"][-1]["content"].lower()
+    page.evaluate("document.querySelectorAll('.message.user')[1].scrollIntoView({block: 'start'})")
+    page.screenshot(path=str(ARTIFACTS / "2-images-and-speech.png"))
+    (ROOT / "docs").mkdir(exist_ok=True)
+    page.screenshot(path=str(ROOT / "docs/chat.png"))
+    page.emulate_media(color_scheme="dark")
+    page.screenshot(path=str(ARTIFACTS / "3-dark.png"))
+    page.emulate_media(color_scheme="light")
+
+    # 4. a later turn sends the earlier recording as its transcript, not the audio again
+    send(page, "Thanks")
+    wait_for_answer(page, 4)
+    earlier = chat.calls[-1]["messages"][4]["content"]
+    assert earlier.startswith("(spoken) ") and "sky" in earlier.lower()
+
+    # 5. reload: the conversation is in the sidebar and comes back whole; new chat and delete work
+    page.reload()
+    page.wait_for_selector(".conversation.active")
+    assert page.locator(".conversation").count() == 1
+    assert page.locator(".message.assistant").count() == 4
+    assert "sky" in page.locator(".voice .transcript").first.inner_text().lower()
+    page.click("#new-chat")
+    assert page.is_visible("#empty")
+    send(page, "A second chat")
+    wait_for_answer(page, 1)
+    assert page.locator(".conversation").count() == 2
+    page.click(".conversation:not(.active) .open")
+    assert page.locator(".message.assistant").count() == 4
+    page.hover(".conversation:not(.active)")
+    page.click(".conversation:not(.active) .delete")
+    assert page.locator(".conversation").count() == 1
+    page.reload()
+    page.wait_for_selector(".conversation")
+    assert page.locator(".conversation").count() == 1
+
+
+def test_record_with_the_fake_microphone(page):
+    page.click("#record")
+    page.wait_for_selector("#record.recording")
+    page.wait_for_function("document.querySelector('#record-timer').textContent === '0:02'", timeout=10_000)
+    assert page.is_disabled("#send")
+    page.screenshot(path=str(ARTIFACTS / "4-recording.png"))
+    page.click("#record")
+    page.wait_for_selector(".attachments .audio-chip audio")
+    page.click("#send")
+    page.wait_for_selector(".voice .transcript:not(.pending)", timeout=60_000)
+    assert "what color" in page.locator(".voice .transcript").inner_text().lower()  # heard through opus, "sky" may blur
+    assert "speech, heard as" in wait_for_answer(page, 1).inner_text()
+
+
+def test_model_output_cannot_inject_html(page):
+    page.fill("#input", "say something")
+    page.press("#input", "Shift+Enter")  # a new line, not a send
+    page.type("#input", "hostile")
+    assert page.locator(".message").count() == 0
+    page.press("#input", "Enter")
+    answer = wait_for_answer(page, 1)
+    assert page.locator(".message.user .bubble").inner_text() == "say something\nhostile"
+    content = answer.locator(".content")
+    assert content.locator("script, img, iframe, a[href^='javascript']").count() == 0
+    text = content.inner_text()
+    assert "<script>window.pwned = 1</script>" in text and '<img src=x onerror="window.pwned = 2">' in text
+    assert "[click](javascript:window.pwned=3)" in text
+    assert page.evaluate("window.pwned") is None
+    assert content.locator("pre code").inner_text() == "<script>window.pwned = 5</script>"
+    content.locator(".copy-code").click()
+    page.wait_for_function("document.querySelector('.copy-code').textContent === 'Copied'")
+    assert page.evaluate("navigator.clipboard.readText()") == "<script>window.pwned = 5</script>"
+    page.screenshot(path=str(ARTIFACTS / "5-hostile-output.png"))
+
+
+def test_stop_and_refusals_are_clear(page, chat):
+    send(page, "Please give a long answer")
+    page.wait_for_function("(document.querySelector('.message.assistant .content') || {}).textContent?.includes('counting')")
+    chat.closed.clear()
+    page.click("#stop")
+    answer = wait_for_answer(page, 1)
+    assert answer.locator(".status").inner_text() == "Stopped."
+    assert answer.inner_text().count("counting") < 600
+    assert chat.closed.wait(5), "the server did not close the answer after Stop"
+    send(page, "word " * 3000)  # longer than the scripted model's 2048-token context
+    answer = wait_for_answer(page, 2)
+    error = answer.locator(".error").inner_text()
+    assert error.startswith("The server refused the request:") and "limit" in error
+    send(page, "still there?")  # the refused turn is left out of the context
+    wait_for_answer(page, 3)
+    assert page.locator(".message.assistant .error").count() == 1
+    page.screenshot(path=str(ARTIFACTS / "6-stop-and-refusal.png"))
+
+
+def test_speech_unavailable_is_explained_and_controls_are_off(browser, tmp_path):
+    chat = ScriptedChat("ok", vision=False, whisper=tmp_path / "missing-whisper.pt")
+    with live_server(create_app(chat, ServeConfig())) as url:
+        context = browser.new_context(color_scheme="light", bypass_csp=True)  # lets Playwright evaluate its checks
+        page = context.new_page()
+        page.goto(url)
+        page.wait_for_function("document.querySelector('#model-name').textContent !== 'connecting…'")
+        assert "Speech input is off: Whisper checkpoint not found" in page.inner_text("#footnote")
+        assert "missing-whisper.pt" in page.inner_text("#footnote")
+        assert page.is_disabled("#record") and page.is_disabled("#attach-audio") and page.is_disabled("#attach-image")
+        assert "vision tower" in page.get_attribute("#attach-image", "title")
+        send(page, "text still works")
+        assert wait_for_answer(page, 1).inner_text() == "ok"
+        page.screenshot(path=str(ARTIFACTS / "7-no-speech.png"))
+        context.close()
