@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from model import Phi
+from projector import splice_image_features
 from tokenizer import IMAGE_TOKEN_ID, StreamDecoder, Tokenizer, encode_chat, speech_text
 
 
@@ -40,15 +41,12 @@ class ChatModel:
         self.lock = threading.Lock()  # one generation at a time on the model
 
     def _load_multimodal(self, mm, dtype, quantize):
-        from safetensors.torch import load_file
-
         from clip_encoder import CLIPVision
-        from projector import build_projector
+        from projector import load_projector
         c = self.mm_config
         self.vision = CLIPVision.from_pretrained(resolve_relative(mm, c["vision"]), dtype=dtype, device=self.device).eval()
-        self.projector = build_projector(c["projector"], c["vision_dim"], c["lm_dim"])
-        self.projector.load_state_dict(load_file(str(mm / "projector.safetensors")))
-        self.projector.to(self.device, self.model.lm_head.weight.dtype).eval()
+        self.projector = load_projector(mm / "projector.safetensors", dtype=self.model.lm_head.weight.dtype,
+                                        device=self.device).eval()
         if (mm / "adapter_config.json").is_file():
             from lora import load_adapter, merge_lora
             load_adapter(self.model, mm, quantize=quantize)
@@ -81,16 +79,7 @@ class ChatModel:
         pixels = self.vision.preprocess(list(images), pad_to_square=c.get("pad_to_square", False))
         pixels = pixels.to(self.device, self.vision_dtype)
         features = self.projector(self.vision.features(pixels, layer=c.get("feature_layer", -2)).to(embed.weight.dtype))
-        pieces, start, k = [], 0, 0
-        for i, t in enumerate(ids + [IMAGE_TOKEN_ID]):
-            if t == IMAGE_TOKEN_ID:
-                if i > start:
-                    pieces.append(embed(torch.tensor(ids[start:i], device=self.device)))
-                if i < len(ids):
-                    pieces.append(features[k])
-                    k += 1
-                start = i + 1
-        x = torch.cat(pieces).unsqueeze(0)
+        x = splice_image_features([ids], embed, list(features)).inputs_embeds
         return x, x.shape[1]
 
     @property

@@ -134,10 +134,8 @@ def build_tiny_lm(folder, seed=0):
 
 def build_tiny_mm(folder, lm_folder, seed=0):
     """A multimodal checkpoint folder as generate.ChatModel reads it: tiny CLIP tower, projector, mm_config.json."""
-    from safetensors.torch import save_file
-
     from clip_encoder import CLIPVision, CLIPVisionConfig
-    from projector import build_projector
+    from projector import build_projector, save_projector
     folder.mkdir(parents=True, exist_ok=True)
     vision = CLIPVision(CLIPVisionConfig.from_preset("tiny"))
     vision.init_weights(seed)
@@ -145,7 +143,7 @@ def build_tiny_mm(folder, lm_folder, seed=0):
     torch.manual_seed(seed)
     lm_dim = json.loads((Path(lm_folder) / "config.json").read_text())["hidden_size"]
     projector = build_projector("mlp2x_gelu", vision.config.hidden_size, lm_dim)
-    save_file({k: v.contiguous() for k, v in projector.state_dict().items()}, str(folder / "projector.safetensors"))
+    save_projector(projector, folder / "projector.safetensors")
     config = {"lm": str(lm_folder), "vision": "vision", "projector": "mlp2x_gelu", "vision_dim": vision.config.hidden_size,
               "lm_dim": lm_dim, "feature_layer": -2, "pad_to_square": False}
     (folder / "mm_config.json").write_text(json.dumps(config))
