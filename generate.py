@@ -20,6 +20,7 @@ import torch
 from model import Phi
 from projector import splice_image_features
 from tokenizer import IMAGE_TOKEN_ID, StreamDecoder, Tokenizer, encode_chat, speech_text
+from train_lm import parse_config
 
 
 class ChatModel:
@@ -161,28 +162,8 @@ class GenerateConfig:
     quantize: str = ""         # "", "nf4" or "int8" weight-only quantization of the block linears
 
 
-def parse_args(cls, argv):
-    """--key=value overrides of a dataclass, typed and validated; unknown keys are an error."""
-    config, types = cls(), {f: type(getattr(cls(), f)) for f in cls.__dataclass_fields__}
-    for arg in argv:
-        key, sep, value = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or key not in types:
-            raise SystemExit(f"unknown argument {arg!r}; valid keys: {', '.join('--' + k for k in types)}")
-        kind = types[key]
-        if kind is bool:
-            if sep and value.lower() not in ("1", "0", "true", "false", "yes", "no"):
-                raise SystemExit(f"--{key} expects true or false, not {value!r}")
-            setattr(config, key, not sep or value.lower() in ("1", "true", "yes"))
-        else:
-            try:
-                setattr(config, key, kind(value))
-            except ValueError:
-                raise SystemExit(f"--{key} expects a {kind.__name__}, not {value!r}") from None
-    return config
-
-
 def main(argv):
-    cfg = parse_args(GenerateConfig, argv)
+    cfg = parse_config(GenerateConfig, argv)
     if not (cfg.prompt or cfg.audio):
         raise SystemExit("nothing to answer: pass --prompt=... and/or --audio=PATH")
     torch.manual_seed(cfg.seed)

@@ -582,9 +582,13 @@ def is_loopback(host):
 def main(argv):
     import torch
 
-    from generate import ChatModel, parse_args
+    from generate import ChatModel
+    from train_lm import parse_config
 
-    cfg = resolve_defaults(parse_args(ServeConfig, argv))
+    try:
+        cfg = resolve_defaults(parse_config(ServeConfig, argv))
+    except ValueError as err:
+        raise SystemExit(f"error: {err}")
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = cfg.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     logging.basicConfig(level=logging.INFO, format="%(message)s")

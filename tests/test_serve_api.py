@@ -506,11 +506,11 @@ def test_startup_rules(lm_dir, tmp_path, monkeypatch):
     (tmp_path / "mm" / "mm_config.json").write_text("{}")
     cfg = serve.resolve_defaults(ServeConfig())
     assert cfg.mm == str(tmp_path / "mm") and not cfg.model
-    from generate import parse_args
-    cfg = parse_args(ServeConfig, ["--port=9001", "--allow_remote_images", "--max_queue=3"])
+    from train_lm import parse_config
+    cfg = parse_config(ServeConfig, ["--port=9001", "--allow_remote_images", "--max_queue=3"])
     assert (cfg.port, cfg.allow_remote_images, cfg.max_queue) == (9001, True, 3)
-    with pytest.raises(SystemExit, match="unknown argument"):
-        parse_args(ServeConfig, ["--modle=x"])
+    with pytest.raises(ValueError, match="unknown option"):
+        parse_config(ServeConfig, ["--modle=x"])
 
 
 def test_command_line_serves(lm_dir):

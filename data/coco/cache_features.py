@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from clip_encoder import CLIPVision, cache_meta, load_image, meta_mismatches, preprocess  # noqa: E402
+from train_lm import parse_config  # noqa: E402
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -43,24 +44,10 @@ class CacheConfig:
 
 def parse_args(argv):
     """--key=value overrides of CacheConfig; a bare --flag sets a bool to true."""
-    types = {f.name: f.type for f in fields(CacheConfig)}
-    values = {}
-    for arg in argv:
-        key, sep, value = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or key not in types:
-            raise SystemExit(f"unknown option {arg!r}; options: " + " ".join(f"--{k}" for k in types))
-        if types[key] in (bool, "bool"):
-            if sep and value.lower() not in ("true", "false", "1", "0"):
-                raise SystemExit(f"--{key} takes true or false, not {value!r}")
-            values[key] = not sep or value.lower() in ("true", "1")
-        elif not sep:
-            raise SystemExit(f"--{key} needs a value: --{key}=...")
-        else:
-            try:
-                values[key] = int(value) if types[key] in (int, "int") else value
-            except ValueError:
-                raise SystemExit(f"--{key} must be an integer, not {value!r}") from None
-    config = CacheConfig(**values)
+    try:
+        config = parse_config(CacheConfig, argv)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}")
     for key in ("images", "vision", "out"):
         if not getattr(config, key):
             raise SystemExit(f"--{key}=... is required")
