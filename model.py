@@ -381,24 +381,29 @@ class Phi(nn.Module):
                     pending[f"model.layers.{name}"] = {"weight", "bias"}
         for file in checkpoint_files(folder):
             with safe_open(file, framework="pt", device="cpu") as f:
-                for name in f.keys():
-                    if name.endswith("rotary_emb.inv_freq"):
-                        continue
-                    if name not in expected:
-                        raise ValueError(f"unexpected tensor '{name}' in {file.name}: not part of a Phi model")
+                names = list(f.keys())
+            for name in names:
+                if name.endswith("rotary_emb.inv_freq"):
+                    continue
+                if name not in expected:
+                    raise ValueError(f"unexpected tensor '{name}' in {file.name}: not part of a Phi model")
+                # one short-lived file mapping per tensor, copied out: the file's pages are let go as soon as the
+                # tensor is in place (or quantized), so memory peaks at the model being built, never at a whole shard
+                with safe_open(file, framework="pt", device="cpu") as f:
                     tensor = f.get_tensor(name)
-                    if tensor.shape != expected.pop(name):
-                        raise ValueError(f"tensor '{name}' in {file.name} has shape {tuple(tensor.shape)}, "
-                                         f"expected {tuple(model.state_dict()[name].shape)}")
-                    module_name, attr = name.rsplit(".", 1)
-                    module = model.get_submodule(module_name)
-                    module._parameters[attr] = nn.Parameter(tensor.to(device=device, dtype=dtype))
-                    if module_name in pending:
-                        pending[module_name].discard(attr)
-                        if not pending[module_name]:
-                            parent, child = module_name.rsplit(".", 1)
-                            setattr(model.get_submodule(parent), child, quantize_linear(module, quantize))
-                            del pending[module_name]
+                if tensor.shape != expected.pop(name):
+                    raise ValueError(f"tensor '{name}' in {file.name} has shape {tuple(tensor.shape)}, "
+                                     f"expected {tuple(model.state_dict()[name].shape)}")
+                module_name, attr = name.rsplit(".", 1)
+                module = model.get_submodule(module_name)
+                module._parameters[attr] = nn.Parameter(tensor.to(device=device, dtype=dtype, copy=True))
+                del tensor
+                if module_name in pending:
+                    pending[module_name].discard(attr)
+                    if not pending[module_name]:
+                        parent, child = module_name.rsplit(".", 1)
+                        setattr(model.get_submodule(parent), child, quantize_linear(module, quantize))
+                        del pending[module_name]
         if expected:
             raise ValueError(f"checkpoint {folder} is missing {len(expected)} tensors, e.g. '{next(iter(expected))}'")
         model._init_rope(device)

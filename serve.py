@@ -1,8 +1,8 @@
 """
 The chat: a Flask server with a ChatGPT-like page and an OpenAI-compatible API, one model behind both.
 
-    python serve.py                                    # the offline demo made by `bash run.sh` (out/demo/...)
-    python serve.py --mm=out/demo/mm --whisper=../shared/models/whisper-tiny.en.pt
+    python serve.py                                    # the offline demo made by `bash run.sh` (out/mm-demo, out/lm-demo)
+    python serve.py --mm=out/mm-demo/instruct/ckpt --whisper=../shared/models/whisper-tiny.en.pt
     python serve.py --model=microsoft/phi-2 --quantize=nf4 --device=cuda --dtype=bfloat16
     python serve.py --host=0.0.0.0 --api_key=SECRET    # binding beyond loopback needs a key
 
@@ -51,7 +51,7 @@ from tokenizer import IMAGE_PLACEHOLDER, IMAGE_TOKEN_ID, encode_chat, speech_tex
 
 ROOT = Path(__file__).resolve().parent
 STATIC = ROOT / "static"
-DEMO_MM, DEMO_LM = ROOT / "out/demo/mm", ROOT / "out/demo/lm"
+DEMO_MM, DEMO_LM = ROOT / "out/mm-demo/instruct/ckpt", ROOT / "out/lm-demo/ckpt"
 SHARED_WHISPER = ROOT.parent / "shared/models/whisper-tiny.en.pt"  # offline Whisper weights on the project's machines
 AUDIO_FORMATS = ("wav", "mp3", "webm", "ogg", "opus", "flac", "m4a", "mp4", "aac")
 log = logging.getLogger("omniphi.serve")
