@@ -27,6 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from model import atomic_write_text, checkpoint_files, resolve_checkpoint, resolve_dtype, save_safetensors
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MAX_IMAGE_PIXELS = 50_000_000  # load_image refuses bigger images (decompression bombs)
@@ -294,7 +296,7 @@ class CLIPVision(nn.Module):
         from safetensors import safe_open
 
         dtype = resolve_dtype(dtype)
-        folder = resolve_checkpoint(path_or_hub_id)
+        folder = resolve_checkpoint(path_or_hub_id, "openai/clip-vit-large-patch14-336")
         config = CLIPVisionConfig.from_hf_json(json.loads((folder / "config.json").read_text()))
         with torch.device("meta"):
             model = cls(config, read_processor_config(folder, config))
@@ -331,32 +333,8 @@ class CLIPVision(nn.Module):
     def save_pretrained(self, out_dir, max_shard_size=None):
         """config.json + model.safetensors (or shards + index) + preprocessor_config.json: what
         transformers.CLIPVisionModel and CLIPImageProcessor load."""
-        from safetensors.torch import save_file
-
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
         # our names are the classic HF names (vision_model.*), which every transformers version loads
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        shards, current, size = [], {}, 0
-        for k, v in state.items():
-            nbytes = v.numel() * v.element_size()
-            if max_shard_size and current and size + nbytes > max_shard_size:
-                shards.append(current)
-                current, size = {}, 0
-            current[k] = v
-            size += nbytes
-        shards.append(current)
-        for old in list(out.glob("model*.safetensors")) + list(out.glob("model.safetensors.index.json")):
-            old.unlink()
-        names = ["model.safetensors"] if len(shards) == 1 else [
-            f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-        for name, shard in zip(names, shards):
-            save_file(shard, str(out / (name + ".tmp")), metadata={"format": "pt"})
-            os.replace(out / (name + ".tmp"), out / name)
-        if len(shards) > 1:
-            index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
-                     "weight_map": {k: n for n, s in zip(names, shards) for k in s}}
-            atomic_write_text(out / "model.safetensors.index.json", json.dumps(index, indent=2))
+        out = save_safetensors(self.state_dict(), out_dir, max_shard_size)
         config = {**self.config.to_hf_json(), "torch_dtype": str(self.dtype).removeprefix("torch.")}
         atomic_write_text(out / "config.json", json.dumps(config, indent=2))
         atomic_write_text(out / "preprocessor_config.json", json.dumps(self.processor.to_hf_json(), indent=2))
@@ -425,7 +403,7 @@ def tower_identity(path):
     """(identity, config, processor) of a checkpoint folder, read from its files without building the model."""
     from safetensors import safe_open
 
-    folder = resolve_checkpoint(path)
+    folder = resolve_checkpoint(path, "openai/clip-vit-large-patch14-336")
     config = CLIPVisionConfig.from_hf_json(json.loads((folder / "config.json").read_text()))
     hasher = WeightsHasher()
     for file in checkpoint_files(folder):
@@ -436,62 +414,6 @@ def tower_identity(path):
                     hasher.add(name, f.get_tensor(stored_name))
     return {"source": str(path), "config_hash": config_hash(config), "weights_hash": hasher.hexdigest()}, \
         config, read_processor_config(folder, config)
-
-
-def resolve_dtype(dtype):
-    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, str):
-        if dtype not in names:
-            raise ValueError(f"unsupported dtype '{dtype}'; use one of {', '.join(names)}")
-        return names[dtype]
-    if dtype not in names.values():
-        raise ValueError(f"unsupported dtype {dtype}; use torch.float32, torch.float16 or torch.bfloat16")
-    return dtype
-
-
-def resolve_checkpoint(path_or_hub_id, example_id="openai/clip-vit-large-patch14-336"):
-    """A local folder as it is, or a hub id downloaded (json + safetensors) when huggingface_hub and a network exist."""
-    path = Path(path_or_hub_id).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path} has no config.json; expected a Hugging Face CLIP checkpoint folder")
-        return path
-    if path.exists():
-        raise FileNotFoundError(f"{path} is a file; pass the checkpoint folder that holds config.json")
-    how = (f"download it first, e.g. `huggingface-cli download {example_id} --local-dir "
-           f"checkpoints/{example_id.split('/')[-1]}`, then pass that folder")
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(path_or_hub_id)):
-        raise FileNotFoundError(f"CLIP checkpoint folder '{path_or_hub_id}' does not exist; {how}")
-    try:
-        from huggingface_hub import snapshot_download
-        return Path(snapshot_download(str(path_or_hub_id), allow_patterns=["*.json", "*.safetensors"]))
-    except Exception as err:
-        raise FileNotFoundError(f"'{path_or_hub_id}' is not a local folder and could not be downloaded "
-                                f"({type(err).__name__}: {err}); {how}") from None
-
-
-def checkpoint_files(folder):
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        files = [folder / n for n in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-    elif (folder / "model.safetensors").is_file():
-        files = [folder / "model.safetensors"]
-    else:
-        raise FileNotFoundError(f"{folder} has neither model.safetensors nor model.safetensors.index.json "
-                                "(only safetensors checkpoints are read)")
-    for f in files:
-        if not f.is_file():
-            raise FileNotFoundError(f"checkpoint shard {f} is missing (listed in model.safetensors.index.json)")
-    return files
-
-
-def atomic_write_text(path, text):
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # ---- images --------------------------------------------------------------------------------------------

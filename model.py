@@ -411,35 +411,12 @@ class Phi(nn.Module):
 
     def save_pretrained(self, out_dir, max_shard_size=None):
         """Write config.json + model.safetensors (or shards + index) that transformers.PhiForCausalLM loads."""
-        from safetensors.torch import save_file
-
         state = self.state_dict()
         bad = sorted(set(state) - self._hf_names())
         if bad:
             raise ValueError(f"cannot save '{bad[0]}' in the HF layout: merge LoRA adapters (lora.merge_lora) and "
                              "save an unquantized model")
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        shards, current, size = [], {}, 0
-        for k, v in state.items():
-            nbytes = v.numel() * v.element_size()
-            if max_shard_size and current and size + nbytes > max_shard_size:
-                shards.append(current)
-                current, size = {}, 0
-            current[k] = v.detach().contiguous().cpu()
-            size += nbytes
-        shards.append(current)
-        for old in list(out.glob("model*.safetensors")) + list(out.glob("model.safetensors.index.json")):
-            old.unlink()
-        names = ["model.safetensors"] if len(shards) == 1 else [
-            f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-        for name, shard in zip(names, shards):
-            save_file(shard, str(out / (name + ".tmp")), metadata={"format": "pt"})
-            os.replace(out / (name + ".tmp"), out / name)
-        if len(shards) > 1:
-            index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
-                     "weight_map": {k: n for n, s in zip(names, shards) for k in s}}
-            atomic_write_text(out / "model.safetensors.index.json", json.dumps(index, indent=2))
+        out = save_safetensors(state, out_dir, max_shard_size)
         hf = self.config.to_hf_json()
         hf["torch_dtype"] = str(self.lm_head.weight.dtype).removeprefix("torch.")
         atomic_write_text(out / "config.json", json.dumps(hf, indent=2))
@@ -486,7 +463,7 @@ def resolve_dtype(dtype):
     return dtype
 
 
-def resolve_checkpoint(path_or_hub_id, example_id):
+def resolve_checkpoint(path_or_hub_id, example_id="microsoft/phi-2"):
     """A local folder as it is, or a hub id downloaded (safetensors + json only) when huggingface_hub and a network exist."""
     path = Path(path_or_hub_id).expanduser()
     if path.is_dir():
@@ -510,14 +487,46 @@ def resolve_checkpoint(path_or_hub_id, example_id):
 def checkpoint_files(folder):
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        files = [folder / n for n in names]
-    else:
+        files = [folder / n for n in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    elif (folder / "model.safetensors").is_file():
         files = [folder / "model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{folder} has neither model.safetensors nor model.safetensors.index.json "
+                                "(only safetensors checkpoints are read)")
     for f in files:
         if not f.is_file():
-            raise FileNotFoundError(f"checkpoint file {f} is missing")
+            raise FileNotFoundError(f"checkpoint shard {f} is missing (listed in model.safetensors.index.json)")
     return files
+
+
+def save_safetensors(state, out_dir, max_shard_size=None):
+    """model.safetensors, or shards of at most max_shard_size bytes + model.safetensors.index.json; each file
+    is written under a temporary name and renamed, and files of an earlier layout are removed."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    shards, current, size = [], {}, 0
+    for k, v in state.items():
+        nbytes = v.numel() * v.element_size()
+        if max_shard_size and current and size + nbytes > max_shard_size:
+            shards.append(current)
+            current, size = {}, 0
+        current[k] = v.detach().contiguous().cpu()
+        size += nbytes
+    shards.append(current)
+    for old in list(out.glob("model*.safetensors")) + list(out.glob("model.safetensors.index.json")):
+        old.unlink()
+    names = ["model.safetensors"] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, shard in zip(names, shards):
+        save_file(shard, str(out / (name + ".tmp")), metadata={"format": "pt"})
+        os.replace(out / (name + ".tmp"), out / name)
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
+                 "weight_map": {k: n for n, s in zip(names, shards) for k in s}}
+        atomic_write_text(out / "model.safetensors.index.json", json.dumps(index, indent=2))
+    return out
 
 
 def atomic_write_text(path, text):

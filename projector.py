@@ -195,7 +195,7 @@ def splice_image_features(input_ids, embed_fn, image_features, *, targets=None, 
 
     T = max(len(p) for p in pieces)
     device = pad_embed.device
-    embeds, mask, target_out, positions = [], [], [], []
+    embeds, mask, target_out = [], [], []
     for piece, row_labels, row_spans, b in zip(pieces, labels, spans, range(len(pieces))):
         n_pad = T - len(piece)
         padding = pad_embed.expand(n_pad, dim)
