@@ -41,18 +41,32 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--quant", action="store_true", help="also NF4 and int8 weight-only models: speed and error")
     args = ap.parse_args()
     from transformers import PhiForCausalLM
 
     dtype = getattr(torch, args.dtype)
     config = PhiConfig.from_preset(args.preset, num_hidden_layers=args.layers)
     torch.manual_seed(0)
+    prompt = torch.randint(0, 50000, (1, args.prompt), device=args.device)
+    rows, quant_rows = [], []
     with tempfile.TemporaryDirectory() as tmp:
         Phi(config).save_pretrained(tmp)
         ours = Phi.from_pretrained(tmp, dtype=dtype, device=args.device)
         ref = PhiForCausalLM.from_pretrained(tmp, dtype=dtype, attn_implementation="sdpa").to(args.device).eval()
-    prompt = torch.randint(0, 50000, (1, args.prompt), device=args.device)
-    rows = []
+        if args.quant:
+            with torch.inference_mode():
+                full_logits = ours(prompt)[0].float()
+            full_tokens = ours.generate(prompt, 32, temperature=0, eos_id=None)[0, args.prompt:]
+            for kind in ("nf4", "int8"):
+                q = Phi.from_pretrained(tmp, dtype=dtype, device=args.device, quantize=kind)
+                with torch.inference_mode():
+                    err = ((q(prompt)[0].float() - full_logits).abs().max() / full_logits.abs().max()).item()
+                tokens = q.generate(prompt, 32, temperature=0, eos_id=None)[0, args.prompt:]
+                first_diff = next((i for i, (a, b) in enumerate(zip(tokens, full_tokens)) if a != b), 32)
+                rate = args.new / timed(lambda: q.generate(prompt, args.new, temperature=0, eos_id=None), 1)
+                quant_rows.append((kind, rate, err, first_diff))
+                del q
 
     with torch.inference_mode():
         t_ours = timed(lambda: ours(prompt), 5)
@@ -102,6 +116,11 @@ def main():
     print("|---|---:|---:|---:|")
     for name, a, b in rows:
         print(f"| {name} | {a:,.1f} | {b:,.1f} | {a / b:.2f}x |")
+    if quant_rows:
+        print("\n| weight-only quantization | decode tokens/s | max logit error (relative) | greedy tokens equal to full precision |")
+        print("|---|---:|---:|---:|")
+        for kind, rate, err, same in quant_rows:
+            print(f"| {kind} | {rate:,.1f} | {err:.3f} | first {same} of 32 |")
 
 
 if __name__ == "__main__":
