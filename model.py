@@ -133,7 +133,7 @@ class PhiAttention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q = apply_rotary(q, cos, sin, self.config.rotary_dim)
         k = apply_rotary(k, cos, sin, self.config.rotary_dim)
-        if self.kv_cache is not None:
+        if cache_slots is not None:
             k, v = self.kv_cache.update(cache_slots, k, v)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None,
@@ -218,7 +218,9 @@ class Phi(nn.Module):
         B, T, _ = x.shape
         if T == 0:
             raise ValueError("empty input: at least one token is needed")
-        caching = self.model.layers[0].self_attn.kv_cache is not None
+        caching = cache_slots is not None
+        if caching and self.model.layers[0].self_attn.kv_cache is None:
+            raise ValueError("cache_slots given but no KV cache is set up (call setup_cache first)")
         if position_ids is None:
             if attention_mask is not None:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

@@ -277,3 +277,15 @@ def test_compiled_decode_is_one_graph_with_identical_tokens(checkpoint, monkeypa
     eager = ours.generate(idx, 12, temperature=0, eos_id=None, attention_mask=mask)
     for _ in range(2):  # the second call reuses the cache and the graph
         assert torch.equal(ours.generate(idx, 12, temperature=0, eos_id=None, attention_mask=mask, compile="default"), eager)
+
+
+def test_plain_forward_ignores_a_kept_cache(checkpoint, monkeypatch):
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, mode=None, **kw: real_compile(fn, backend="eager", **kw))
+    _, path = checkpoint
+    ours = Phi.from_pretrained(path)
+    idx = torch.randint(0, 512, (2, 9))
+    with torch.no_grad():
+        before = ours(idx)[0]
+        ours.generate(idx, 3, temperature=0, eos_id=None, compile="default")  # keeps its context-sized cache
+        assert torch.equal(ours(idx)[0], before)
