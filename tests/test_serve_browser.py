@@ -5,7 +5,7 @@ and a live recording from Chromium's fake microphone (transcribed by the real Wh
 context, conversations kept across a reload, safe rendering of hostile model output, and clear messages when the
 server refuses a request or speech is unavailable. The model is a scripted stand-in (ScriptedChat) whose answer
 describes what reached it, so the page's behaviour can be checked exactly. Screenshots go to tests/artifacts/, and
-one conversation is saved as docs/chat.png for the README.
+one conversation is saved as chat.png (docs/chat.png in the README is a copy).
 """
 
 import base64
@@ -185,7 +185,7 @@ def test_conversation_with_text_images_speech_and_reload(page, chat, speech_wav)
     page.evaluate("document.querySelectorAll('.message.user')[1].scrollIntoView({block: 'start'})")
     page.screenshot(path=str(ARTIFACTS / "2-images-and-speech.png"))
     (ROOT / "docs").mkdir(exist_ok=True)
-    page.screenshot(path=str(ROOT / "docs/chat.png"))
+    page.screenshot(path=str(ARTIFACTS / "chat.png"))  # docs/chat.png is a copy of it
     page.emulate_media(color_scheme="dark")
     page.screenshot(path=str(ARTIFACTS / "3-dark.png"))
     page.emulate_media(color_scheme="light")
