@@ -156,7 +156,7 @@ PRESETS = {
     # this CPU, offline: easy-vqa; a random 64x64 ViT trained with the projector, LoRA on the pretraining demo's LM
     "demo": {
         "common": dict(stage="both", image_folder=str(EASYVQA / "images"), eval_data=str(EASYVQA / "test.json"),
-                       lm="demo", vision="demo",
+                       lm="out/lm-demo/ckpt", vision="demo",
                        vision_config="hidden_size=128,intermediate_size=512,image_size=32,patch_size=4",
                        projector="pool4x4_mlp2x_gelu", feature_layer=-1, train_vision=True, lora_r=32,
                        lora_alpha=64.0, lora_dropout=0.0, dtype="bfloat16", val_size=200, samples=4, eval_interval=200,
