@@ -46,7 +46,7 @@ class ChatModel:
         from projector import load_projector
         c = self.mm_config
         self.vision = CLIPVision.from_pretrained(resolve_relative(mm, c["vision"]), dtype=dtype, device=self.device).eval()
-        self.projector = load_projector(mm / "projector.safetensors", dtype=self.model.lm_head.weight.dtype,
+        self.projector = load_projector(mm / "projector.safetensors", dtype=self.model.model.embed_tokens.weight.dtype,
                                         device=self.device).eval()
         if (mm / "adapter_config.json").is_file():
             from lora import load_adapter, merge_lora

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2")
-NEVER_ADAPTED = ("lm_head",)  # the output head stays exact and frozen, whatever the targets say
+KEEP_EXACT = ("lm_head",)  # adapted only when named in the targets, and never quantized
 PEFT_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> PhiForCausalLM
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 
@@ -199,9 +199,8 @@ class LoRALinear(nn.Module):
 
 
 def _linear_layers(model):
-    """Every adaptable linear by full module name: nn.Linear or QuantizedLinear, never the output head."""
-    return {name: m for name, m in model.named_modules()
-            if isinstance(m, (nn.Linear, QuantizedLinear)) and name.rsplit(".", 1)[-1] not in NEVER_ADAPTED}
+    """Every adaptable linear by full module name: nn.Linear or QuantizedLinear."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, (nn.Linear, QuantizedLinear))}
 
 
 def _replace(model, name, module):
@@ -216,8 +215,9 @@ def _lora_layers(model):
 def apply_lora(model, *, r, alpha, dropout=0.0, targets=LORA_TARGETS, quantize=None):
     """Wrap every linear whose last name component is in targets with a LoRALinear, in place, and freeze every
     other parameter of the model: re-enable what else should train (e.g. a projector) after this call.
-    Embeddings, LayerNorms and lm_head are never adapted. quantize="nf4"|"int8" first quantizes the targeted
-    nn.Linears (Phi.from_pretrained(..., quantize=...) quantizes all block linears while loading instead)."""
+    Embeddings and LayerNorms are never adapted; lm_head only when named (a model whose output head never saw the
+    words it must say needs it, as PEFT allows). quantize="nf4"|"int8" first quantizes the targeted block linears
+    (Phi.from_pretrained(..., quantize=...) quantizes them all while loading instead); lm_head is never quantized."""
     if isinstance(targets, str):
         targets = (targets,)
     targets = tuple(dict.fromkeys(targets))
@@ -236,14 +236,14 @@ def apply_lora(model, *, r, alpha, dropout=0.0, targets=LORA_TARGETS, quantize=N
     unknown = [t for t in targets if t not in available]
     if not targets or unknown:
         raise ValueError(f"LoRA targets {unknown or list(targets)} match no linear layer; the model's linear layers "
-                         f"are {available} ({', '.join(NEVER_ADAPTED)} is never adapted)")
+                         f"are {available}")
     chosen = {name: m for name, m in linears.items() if name.rsplit(".", 1)[-1] in targets}
     for name, m in chosen.items():
         if quantize and isinstance(m, QuantizedLinear) and m.kind != quantize:
             raise ValueError(f"{name} is already quantized as {m.kind}, cannot apply LoRA with quantize={quantize!r}")
     model.requires_grad_(False)
     for name, m in chosen.items():
-        if quantize and isinstance(m, nn.Linear):
+        if quantize and isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] not in KEEP_EXACT:
             m = quantize_linear(m, quantize)
         _replace(model, name, LoRALinear(m, r, alpha, dropout))
     model.lora_config = LoRAConfig(r, alpha, dropout, targets, quantize)
@@ -356,12 +356,15 @@ def load_adapter(model, adapter_dir, *, quantize=None):
     elif (existing.r, existing.alpha, tuple(sorted(existing.targets))) != (r, alpha, targets):
         raise ValueError(f"the model's LoRA (r={existing.r}, alpha={existing.alpha}, targets={sorted(existing.targets)}) "
                          f"differs from the adapter in {folder} (r={r}, alpha={alpha}, targets={list(targets)})")
-    params = {}
+    params, optional = {}, {}
     for name, layer in _lora_layers(model).items():
         for part in ("lora_A", "lora_B"):
             params[f"{PEFT_PREFIX}{name}.{part}.weight"] = getattr(layer, part).weight
+        if name.rsplit(".", 1)[-1] in KEEP_EXACT:  # PEFT also saves an adapted output head's own weights
+            optional.update({f"{PEFT_PREFIX}{name}.base_layer.{k}": v for k, v in layer.base_layer.named_parameters()})
     with safe_open(folder / ADAPTER_WEIGHTS, framework="pt", device="cpu") as f:
         tensors = {name: f.get_tensor(name) for name in f.keys()}
+    params.update({k: v for k, v in optional.items() if k in tensors})
     for name in tensors:
         if name not in params:
             raise ValueError(f"adapter tensor '{name}' in {folder} has no place in this model")

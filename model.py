@@ -263,7 +263,8 @@ class Phi(nn.Module):
 
     def setup_cache(self, batch_size, max_len, dtype=None, device=None):
         """Preallocate every layer's KV cache; an existing cache of the same shape is reused (no recompiles)."""
-        dtype, device = dtype or self.model.final_layernorm.weight.dtype, device or self.lm_head.weight.device
+        weight = self.model.final_layernorm.weight  # lm_head may be wrapped by a LoRA adapter
+        dtype, device = dtype or weight.dtype, device or weight.device
         for block in self.model.layers:
             old = block.self_attn.kv_cache
             if old is None or old.k.shape[0] != batch_size or old.k.shape[2] != max_len or old.k.dtype != dtype:

@@ -6,11 +6,6 @@ answer, on multi-turn conversations. The loss covers only the assistant's answer
     python train_mm.py                                    # offline demo on a CPU: easy-vqa, align, instruct, eval
     python train_mm.py --eval                             # evaluate the demo checkpoint again
 
-The demo has no pretrained CLIP offline: its tower is a small ViT from random weights that trains in both stages
-(--train_vision; align teaches it shape and colour through the frozen LM, instruct refines it). Its LM is a random
-'demo' Phi with LoRA: `--lm=out/lm-demo/ckpt` (the pretraining demo's model) works too but answers colours and
-shapes poorly, because a model pretrained on Python sources has one shared output direction for every word it never
-saw, and only LoRA (never the output head) trains here.
     torchrun --nproc_per_node=8 train_mm.py --preset=llava --stage=align \
         --data=data/llava/blip_laion_cc_sbu_558k.json --image_folder=data/llava/pretrain_images --features=...
     torchrun --nproc_per_node=8 train_mm.py --preset=llava --stage=instruct --init=out/mm-llava/align/ckpt \
@@ -21,6 +16,12 @@ it is checked with data/llava/prepare.py before the first step. Iteration i's ba
 run resumes exactly (--resume) and N processes train like one. The run folder gets log.jsonl (with held-out loss
 and sample answers), loss.png and ckpt/, a multimodal checkpoint that generate.py and serve.py load:
 mm_config.json, projector.safetensors, the PEFT adapter (instruct), vision/ when the tower is ours, train_state.pt.
+
+The demo has no pretrained CLIP offline: its tower is a small ViT from random weights that trains in both stages
+(--train_vision). Its LM is a random 'demo' Phi (`--lm=out/lm-demo/ckpt`, the pretraining demo's model, works too),
+which cannot say the captions' words: a frozen output head caps every logit through the final LayerNorm, and a model
+pretrained on Python sources shares one output direction among the words it never saw. So the demo adapts lm_head
+with LoRA too, and trains LoRA already in align (--align_lora), where LLaVA trains the projector alone.
 """
 
 import contextlib
@@ -36,7 +37,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-import torch
+# On a CPU shared with other jobs, idle OpenMP threads should sleep rather than spin: spinning threads of two
+# processes starve each other (8x slower here). Set before torch loads its OpenMP runtime; a user's setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
@@ -83,7 +88,9 @@ class MMConfig:
     lora_r: int = 64
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
-    lora_targets: str = "q_proj,k_proj,v_proj,dense,fc1,fc2"
+    lora_targets: str = "q_proj,k_proj,v_proj,dense,fc1,fc2"  # add lm_head for an LM that never saw the answers' words
+    align_lora: bool = False  # LoRA trains in the align stage too (an LM that cannot yet say the captions' words)
+    freeze_image_iters: int = 0  # the tower and projector wait this many iterations while LoRA learns what to say
     quantize: str = ""  # "" (16-bit base) | nf4 | int8 weight-only base for the instruct stage
     lm_dtype: str = "auto"  # weights of the frozen LM and tower: auto (bfloat16 on a GPU, float32 on a CPU) | ...
     dtype: str = "auto"  # autocast: auto (bfloat16 on a GPU that has it) | float32 | bfloat16
@@ -127,7 +134,7 @@ class MMConfig:
                 raise ValueError(f"--{name} must be at least 1, not {getattr(self, name)}")
         for name in ("micro_batch_size", "group_size", "max_iters", "warmup_iters", "lr_decay_iters", "ckpt_interval",
                      "weight_decay", "grad_clip", "min_lr", "samples", "eval_max", "eval_batches", "pixel_cache_mb",
-                     "max_len", "workers", "vision_lr_scale"):
+                     "max_len", "workers", "vision_lr_scale", "freeze_image_iters"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0, not {getattr(self, name)}")
         if not self.lr > 0 or not math.isfinite(self.lr):
@@ -148,22 +155,28 @@ class MMConfig:
                              "a tower that trains changes its features")
         if self.resume and self.eval:
             raise ValueError("--resume and --eval exclude each other")
-        self.out_dir = self.out_dir or (f"out/mm-{self.preset}" if self.stage == "both" else f"out/mm-{self.preset}/{self.stage}")
+        if not self.out_dir:
+            self.out_dir = f"out/mm-{self.preset}" + ("" if self.stage == "both" else f"/{self.stage}")
 
 
 # Per preset: "common" settings, then "align" and "instruct" settings on top for that stage.
 PRESETS = {
-    # this CPU, offline: easy-vqa; a random 64x64 ViT trained with the projector, LoRA on the pretraining demo's LM
+    # this CPU, offline: easy-vqa. A random ViT (images at 32x32, 8x8 patches of 4 pixels, 128 wide) pooled to 4
+    # tokens, and LoRA (with the output head) on a random 'demo' Phi. Align trains tower, projector and LoRA on the
+    # captions, instruct goes on with the questions; in both, tower and projector wait 50 iterations while LoRA
+    # learns the stage's words.
     "demo": {
         "common": dict(stage="both", image_folder=str(EASYVQA / "images"), eval_data=str(EASYVQA / "test.json"),
-                       lm="out/lm-demo/ckpt", vision="demo",
+                       lm="demo", vision="demo",
                        vision_config="hidden_size=128,intermediate_size=512,image_size=32,patch_size=4",
                        projector="pool4x4_mlp2x_gelu", feature_layer=-1, train_vision=True, lora_r=32,
-                       lora_alpha=64.0, lora_dropout=0.0, dtype="bfloat16", val_size=200, samples=4, eval_interval=200,
+                       lora_alpha=64.0, lora_dropout=0.0, lora_targets="q_proj,k_proj,v_proj,dense,fc1,fc2,lm_head",
+                       align_lora=True, dtype="bfloat16", val_size=200, samples=4, eval_interval=200,
                        log_interval=20, warmup_iters=20, weight_decay=0.0, group_size=2, max_new_tokens=8),
-        "align": dict(data=str(EASYVQA / "captions.json"), batch_size=32, max_iters=600, lr=1e-3, min_lr=1e-4),
-        "instruct": dict(data=str(EASYVQA / "train.json"), batch_size=64, max_iters=1000, lr=1e-3, min_lr=1e-4,
-                         vision_lr_scale=0.3),
+        "align": dict(data=str(EASYVQA / "captions.json"), batch_size=64, max_iters=300, lr=1e-3, min_lr=1e-4,
+                      freeze_image_iters=50),
+        "instruct": dict(data=str(EASYVQA / "train.json"), batch_size=64, max_iters=1200, lr=1e-3, min_lr=1e-4,
+                         freeze_image_iters=50),
     },
     # tests: a tiny LM and tower from random weights, a few iterations
     "tiny": {
@@ -174,7 +187,8 @@ PRESETS = {
     },
     # LLaVA-1.5 recipe on GPUs: Phi-2 + CLIP ViT-L/14-336, frozen tower; QLoRA-ready instruct stage
     "llava": {
-        "common": dict(stage="align", lm="microsoft/phi-2", vision="openai/clip-vit-large-patch14-336", projector="mlp2x_gelu",
+        "common": dict(stage="align", lm="microsoft/phi-2", vision="openai/clip-vit-large-patch14-336",
+                       projector="mlp2x_gelu",
                        feature_layer=-2, pad_to_square=True, max_len=2048, eval_interval=500, log_interval=10,
                        samples=4, warmup_iters=0, weight_decay=0.0),
         "align": dict(batch_size=256, micro_batch_size=32, epochs=1.0, lr=1e-3, min_lr=0.0, warmup_iters=70),
@@ -185,16 +199,25 @@ PRESETS = {
 
 
 def stage_configs(argv):
-    """The MMConfig of every stage to run: the preset's common settings, its stage settings, then the command line."""
+    """The MMConfig of every stage to run: the preset's common settings, its stage settings, then the command line.
+    With --init, the LM and tower are the init checkpoint's unless --lm / --vision are on the command line."""
     def flat(stage):
         return {name: {**p.get("common", {}), **p.get(stage, {})} for name, p in PRESETS.items()}
 
-    first = parse_config(MMConfig, argv, flat("common"))
+    given = {}  # the options on the command line
+    for arg in argv:
+        key, _, value = arg.removeprefix("--").partition("=")
+        given[key.replace("-", "_")] = value
+    preset = PRESETS.get(given.get("preset", MMConfig.preset), {})
+    stage = given.get("stage", preset.get("common", {}).get("stage", MMConfig.stage))
+    first = parse_config(MMConfig, argv, flat("instruct" if stage == "both" else stage))  # the run as a whole
     stages = ("align", "instruct") if first.stage == "both" else (first.stage,)
     configs = [replace(parse_config(MMConfig, argv, flat(stage)), stage=stage) for stage in stages]
     for cfg in configs:
         if not cfg.data and not cfg.eval:
             raise ValueError(f"--data is required for the {cfg.stage} stage (a LLaVA JSON)")
+        if cfg.init:
+            cfg.lm, cfg.vision = (cfg.lm if "lm" in given else ""), (cfg.vision if "vision" in given else "")
     if first.stage == "both":
         base = Path(first.out_dir)
         align, instruct = configs
@@ -431,7 +454,7 @@ class MultimodalLM(nn.Module):
     def answer(self, prompts, images, max_new_tokens, tokenizer):
         """Greedy answers to prompts [(messages, image path or None)], images an ImageSource: the text of each up
         to <|endoftext|>."""
-        device = self.lm.lm_head.weight.device
+        device = self.lm.model.embed_tokens.weight.device
         ids, paths, image_index = [], [], []
         for messages, path in prompts:
             row, _ = encode_chat(tokenizer, messages)
@@ -497,16 +520,16 @@ class Parts:
 
 def load_lm(cfg, ref, d, log, out_dir):
     """The base LM: an HF folder or hub id; or, for a model.py preset name, random weights saved once to
-    out_dir/random_lm so that checkpoints can name them."""
+    out_dir/random_{preset} so that checkpoints can name them."""
     dtype = torch_dtype(cfg.lm_dtype, d.device)
     quantize = (cfg.quantize or None) if cfg.stage == "instruct" else None
     if ref in MODEL_PRESETS and not Path(ref).exists():
-        folder = Path(out_dir) / "random_lm"
+        folder = Path(out_dir) / f"random_{ref}"
         if not (folder / "config.json").is_file():
             torch.manual_seed(cfg.seed)
             model = Phi(PhiConfig.from_preset(ref))
             if d.master:
-                save_checkpoint(out_dir, model.save_pretrained, name="random_lm")
+                save_checkpoint(out_dir, model.save_pretrained, name=folder.name)
             d.barrier()
         log(f"language model: a '{ref}' Phi with random weights (saved in {folder}); only LoRA adapters train on it")
         ref = str(folder)
@@ -579,7 +602,7 @@ def build_parts(cfg, d, log, start=None, resuming=False):
         projector = build_projector(kind, vision_config.hidden_size, lm.config.hidden_size)
     projector.to(d.device).train()
 
-    if cfg.stage == "instruct":
+    if trains_lora(cfg):
         if start is not None and (Path(start) / "adapter_config.json").is_file():
             load_adapter(lm, start, quantize=cfg.quantize or None)
         else:
@@ -616,6 +639,10 @@ def write_multimodal(folder, parts, stage, train_state=None):
 # ---- training ----------------------------------------------------------------------------------------------------
 
 
+def trains_lora(cfg):
+    return cfg.stage == "instruct" or cfg.align_lora
+
+
 def optimizer_groups(parts, cfg):
     """Projector and LoRA at lr; the tower at lr * vision_lr_scale; no weight decay on biases and LayerNorms."""
     groups = []
@@ -623,10 +650,11 @@ def optimizer_groups(parts, cfg):
     for module, scale in modules:
         decay = [p for n, p in module.named_parameters() if p.requires_grad and p.dim() >= 2 and "embedding" not in n]
         other = [p for n, p in module.named_parameters() if p.requires_grad and not (p.dim() >= 2 and "embedding" not in n)]
-        groups += [{"params": decay, "weight_decay": cfg.weight_decay, "lr_scale": scale},
-                   {"params": other, "weight_decay": 0.0, "lr_scale": scale}]
-    if cfg.stage == "instruct":
-        groups.append({"params": lora_parameters(parts.lm), "weight_decay": cfg.weight_decay, "lr_scale": 1.0})
+        groups += [{"params": decay, "weight_decay": cfg.weight_decay, "lr_scale": scale, "image": True},
+                   {"params": other, "weight_decay": 0.0, "lr_scale": scale, "image": True}]
+    if trains_lora(cfg):
+        groups.append({"params": lora_parameters(parts.lm), "weight_decay": cfg.weight_decay, "lr_scale": 1.0,
+                       "image": False})
     return [g for g in groups if g["params"]]
 
 
@@ -698,7 +726,7 @@ def run_stage(cfg, d, log):
     log(f"{cfg.stage}: {len(data):,} train / {len(val):,} held-out records, {max_iters} iters of {cfg.batch_size} "
         f"({d.world} processes x {accum} micro-steps x {micro}), {image_tokens} tokens per image, "
         f"{n_trainable / 1e6:.2f}M trainable parameters "
-        f"({'projector' + (' + tower' if cfg.train_vision else '') + (' + LoRA' if cfg.stage == 'instruct' else '')}), "
+        f"({'projector' + (' + tower' if cfg.train_vision else '') + (' + LoRA' if trains_lora(cfg) else '')}), "
         f"{d.device}, {autocast or torch.float32}, out: {out_dir}", flush=True)
     if cfg.train_vision and parts.vision_ref == "" and cfg.vision in CLIP_PRESETS and checkpoint is None and not cfg.init:
         log(f"note: the vision tower is a '{cfg.vision}' ViT from random weights (no pretrained CLIP offline); "
@@ -755,6 +783,13 @@ def run_stage(cfg, d, log):
             loss_sum += loss.detach().double()
         if d.world > 1:
             dist.all_reduce(loss_sum)
+        if it < cfg.freeze_image_iters:
+            # no step and no optimizer state yet: a random LM's first gradients ("say these words at all") would
+            # collapse a random tower, and would linger in Adam's second moments
+            for group in optimizer.param_groups:
+                if group["image"]:
+                    for p in group["params"]:
+                        p.grad = None
         grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip or math.inf))
         train_loss = loss_sum.item() / n_targets
         if not (math.isfinite(train_loss) and math.isfinite(grad_norm)):

@@ -187,8 +187,9 @@ def test_fresh_adapter_is_identity_and_merge_matches(checkpoint, quantize, tmp_p
         assert (hf(idx).logits - merged).abs().max() <= 1e-4
 
 
-def test_our_adapter_loads_in_peft(checkpoint, tmp_path):
-    model = apply_lora(Phi.from_pretrained(checkpoint), r=4, alpha=8, targets=("q_proj", "dense", "fc1"))
+@pytest.mark.parametrize("targets", [("q_proj", "dense", "fc1"), ("fc2", "lm_head")])
+def test_our_adapter_loads_in_peft(checkpoint, tmp_path, targets):
+    model = apply_lora(Phi.from_pretrained(checkpoint), r=4, alpha=8, targets=targets)
     perturb_lora(model)
     save_adapter(model, tmp_path, base_model_name_or_path=str(checkpoint))
     peft_model = PeftModel.from_pretrained(PhiForCausalLM.from_pretrained(checkpoint), tmp_path).eval()
@@ -198,12 +199,12 @@ def test_our_adapter_loads_in_peft(checkpoint, tmp_path):
     assert (logits_of(model, idx) - expected).abs().max() <= 1e-4
     assert (expected - PhiForCausalLM.from_pretrained(checkpoint)(idx).logits).abs().max() > 1e-2
     config = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert config["peft_type"] == "LORA" and config["target_modules"] == ["dense", "fc1", "q_proj"]
+    assert config["peft_type"] == "LORA" and config["target_modules"] == sorted(targets)
 
 
 def test_peft_adapter_loads_here(checkpoint, tmp_path):
     torch.manual_seed(2)
-    config = LoraConfig(r=6, lora_alpha=12, target_modules=["q_proj", "v_proj", "fc2"], init_lora_weights=False,
+    config = LoraConfig(r=6, lora_alpha=12, target_modules=["q_proj", "v_proj", "fc2", "lm_head"], init_lora_weights=False,
                         task_type="CAUSAL_LM")
     peft_model = get_peft_model(PhiForCausalLM.from_pretrained(checkpoint), config).eval()
     peft_model.save_pretrained(tmp_path)
@@ -212,12 +213,13 @@ def test_peft_adapter_loads_here(checkpoint, tmp_path):
         expected = peft_model(idx).logits
     model = load_adapter(Phi.from_pretrained(checkpoint), tmp_path)
     assert (logits_of(model, idx) - expected).abs().max() <= 1e-4
-    assert model.lora_config.r == 6 and sorted(model.lora_config.targets) == ["fc2", "q_proj", "v_proj"]
-    reloaded = apply_lora(Phi.from_pretrained(checkpoint), r=6, alpha=12, targets=("fc2", "v_proj", "q_proj"))
+    assert model.lora_config.r == 6 and sorted(model.lora_config.targets) == ["fc2", "lm_head", "q_proj", "v_proj"]
+    reloaded = apply_lora(Phi.from_pretrained(checkpoint), r=6, alpha=12, targets=("fc2", "v_proj", "q_proj", "lm_head"))
     assert torch.equal(logits_of(load_adapter(reloaded, tmp_path), idx), logits_of(model, idx))
     qlora = load_adapter(Phi.from_pretrained(checkpoint), tmp_path, quantize="nf4")  # quantize passthrough
     assert isinstance(qlora.model.layers[0].self_attn.q_proj.base_layer, NF4Linear)
     assert isinstance(qlora.model.layers[0].self_attn.k_proj, nn.Linear)
+    assert type(qlora.lm_head.base_layer) is nn.Linear  # the output head is adapted but never quantized
     assert torch.equal(qlora.model.layers[1].mlp.fc2.lora_B.weight, model.model.layers[1].mlp.fc2.lora_B.weight)
 
 
@@ -312,8 +314,6 @@ def test_bad_input(checkpoint, tmp_path):
     model = Phi.from_pretrained(checkpoint)
     with pytest.raises(ValueError, match=r"\['qkv'\].*'fc1'"):
         apply_lora(model, r=4, alpha=8, targets=("q_proj", "qkv"))
-    with pytest.raises(ValueError, match="lm_head"):
-        apply_lora(model, r=4, alpha=8, targets=("lm_head",))
     with pytest.raises(ValueError, match="rank"):
         apply_lora(model, r=0, alpha=8)
     with pytest.raises(ValueError, match="quantize"):

@@ -86,7 +86,7 @@ def log_rows(out_dir):
 
 
 def run_script(args, env=None, torchrun=False):
-    prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun else [sys.executable]
+    prefix = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun else [])
     return subprocess.run(prefix + [str(REPO / "train_mm.py")] + args, cwd=REPO, capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=300)
 
@@ -178,7 +178,8 @@ def test_llava_shaped_data_trains_both_stages_and_loads_for_chat(dataset, tmp_pa
     assert config["template"] == "omniphi-chat" and config["stage"] == "instruct" and config["vision"] == "vision"
     assert Path(config["lm"]).is_dir() and (instruct / "vision" / "config.json").is_file()
     assert (instruct / "adapter_config.json").is_file() and (instruct / "adapter_model.safetensors").is_file()
-    assert not (align / "adapter_config.json").exists() and json.loads((align / "mm_config.json").read_text())["stage"] == "align"
+    assert not (align / "adapter_config.json").exists()
+    assert json.loads((align / "mm_config.json").read_text())["stage"] == "align"
     # instruct started from the align checkpoint's projector and tower, and trained them further
     a, b = tensors(align), tensors(instruct)
     assert all(k in b for k in a) and any(not torch.equal(a[k], b[k]) for k in a)
@@ -231,12 +232,51 @@ def test_cached_features_are_used_and_checked(dataset, tmp_path):
         train_mm.main(args + [f"--out_dir={tmp_path / 'other'}", "--feature_layer=-1"])
 
 
+def test_instruct_on_an_nf4_base(dataset, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path / "nf4"
+    train_mm.main(TINY + data_args(dataset) + ["--stage=instruct", "--quantize=nf4", "--max_iters=2", "--samples=1",
+                                               f"--out_dir={out}"])
+    config = json.loads((out / "ckpt" / "adapter_config.json").read_text())
+    assert config["r"] == 4 and (out / "ckpt" / "adapter_model.safetensors").is_file()
+    from generate import ChatModel
+    from lora import NF4Linear
+    chat = ChatModel(None, mm=out / "ckpt", quantize="nf4")
+    assert any(isinstance(m, NF4Linear) for m in chat.model.modules())
+    assert isinstance(chat.reply([{"role": "user", "content": "hi"}], temperature=0, max_tokens=3), str)
+
+
+def test_align_lora_with_the_output_head_and_a_waiting_tower(dataset, tmp_path):
+    """The demo's recipe: LoRA (lm_head included) trains in align too, while tower and projector wait their
+    iterations; instruct continues from that adapter."""
+    args = TINY + data_args(dataset) + ["--align_lora", "--lora_targets=q_proj,fc2,lm_head", "--freeze_image_iters=2",
+                                        "--max_iters=2", "--samples=0", "--val_size=2"]
+    runs = {}
+    for lr in ("3e-3", "1e-2"):
+        train_mm.main(args + ["--stage=align", f"--lr={lr}", f"--min_lr={lr}", f"--out_dir={tmp_path / lr}"])
+        runs[lr] = tensors(tmp_path / lr / "ckpt")
+        config = json.loads((tmp_path / lr / "ckpt" / "adapter_config.json").read_text())
+        assert sorted(config["target_modules"]) == ["fc2", "lm_head", "q_proj"]
+    a, b = runs.values()
+    image_keys = [k for k in a if not k.startswith("adapter")]
+    assert image_keys and all(torch.equal(a[k], b[k]) for k in image_keys)  # waited: untouched by either lr
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("adapter"))
+    train_mm.main(args[:-3] + ["--stage=instruct", "--max_iters=1", "--samples=0", "--val_size=2",
+                               f"--init={tmp_path / '1e-2' / 'ckpt'}", f"--out_dir={tmp_path / 'instruct'}"])
+    from generate import ChatModel
+    chat = ChatModel(None, mm=tmp_path / "instruct" / "ckpt")
+    assert type(chat.model.lm_head) is torch.nn.Linear  # the adapted head was merged like the rest
+    assert isinstance(chat.reply([{"role": "user", "content": "hi"}], temperature=0, max_tokens=2), str)
+
+
 @pytest.fixture(scope="module")
 def reference_run(dataset, tmp_path_factory):
-    """6 uninterrupted instruct iterations (tower, projector and LoRA train), checkpoints every 2."""
+    """6 uninterrupted instruct iterations (tower, projector and LoRA train) in 2 accumulated micro-steps of 2,
+    checkpoints every 2."""
     out = tmp_path_factory.mktemp("reference")
     args = TINY + data_args(dataset) + ["--stage=instruct", "--lm=tiny", "--vision=tiny", "--max_iters=6",
-                                        "--ckpt_interval=2", "--eval_interval=3", "--samples=1", "--val_size=2"]
+                                        "--micro_batch_size=2", "--ckpt_interval=2", "--eval_interval=3", "--samples=1",
+                                        "--val_size=2"]
     done = run_script(args + [f"--out_dir={out}"])
     assert done.returncode == 0, done.stderr
     return args, out
@@ -261,7 +301,7 @@ def test_two_process_ddp_matches_one_process(reference_run, tmp_path):
     out = tmp_path / "ddp"
     done = run_script(args + [f"--out_dir={out}"], torchrun=True)
     assert done.returncode == 0, done.stderr
-    assert "2 processes" in done.stdout
+    assert "2 processes x 1 micro-steps x 2" in done.stdout
     want, got = tensors(reference / "ckpt"), tensors(out / "ckpt")
     assert want.keys() == got.keys()
     for k in want:
@@ -273,7 +313,8 @@ def test_two_process_ddp_matches_one_process(reference_run, tmp_path):
 
 @pytest.mark.parametrize("change, words", [
     (lambda records: {"records": records}, "must hold a JSON list of records"),
-    (lambda records: records[:1] + [{"id": "lost-convs", "image": "000000052846.jpg"}], "record lost-convs: has no 'conversations'"),
+    (lambda records: records[:1] + [{"id": "lost-convs", "image": "000000052846.jpg"}],
+     "record lost-convs: has no 'conversations'"),
     (lambda records: records[:1] + [{**records[1], "id": "gone", "image": "nowhere/000000999999.jpg"}],
      "record gone: image"),
     (lambda records: records[:1] + [{"id": "two-gpts", "conversations": [
@@ -287,6 +328,20 @@ def test_bad_data_stops_naming_the_record(dataset, tmp_path, change, words):
         train_mm.main(TINY + [f"--data={data}", f"--image_folder={dataset / 'images'}", f"--out_dir={tmp_path / 'o'}"])
     assert words in str(err.value)
     assert not (tmp_path / "o" / "align" / "ckpt").exists()
+
+
+def test_stage_configs():
+    first, (align, instruct) = train_mm.stage_configs(["--preset=tiny", "--data=d.json", "--out_dir=o", "--lr=0.01"])
+    assert first.stage == "both" and (align.stage, instruct.stage) == ("align", "instruct")
+    assert (align.out_dir, instruct.out_dir, instruct.init) == ("o/align", "o/instruct", "o/align/ckpt")
+    assert align.lm == "tiny" and instruct.lm == instruct.vision == "" and align.lr == instruct.lr == 0.01
+    _, (alone,) = train_mm.stage_configs(["--preset=tiny", "--stage=instruct", "--data=d.json", "--init=ck"])
+    assert alone.out_dir == "out/mm-tiny/instruct" and alone.lm == alone.vision == ""  # the init checkpoint's
+    _, (alone,) = train_mm.stage_configs(["--preset=tiny", "--stage=instruct", "--data=d.json", "--init=ck",
+                                          "--vision=tower"])
+    assert alone.vision == "tower" and alone.lm == ""
+    _, (demo_align, demo_instruct) = train_mm.stage_configs([])
+    assert demo_align.data.endswith("captions.json") and demo_instruct.data.endswith("train.json")
 
 
 def test_bad_options_are_refused():
