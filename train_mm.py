@@ -163,8 +163,8 @@ class MMConfig:
 PRESETS = {
     # this CPU, offline: easy-vqa. A random ViT (images at 32x32, 8x8 patches of 4 pixels, 128 wide) pooled to 4
     # tokens, and LoRA (with the output head) on a random 'demo' Phi. Align trains tower, projector and LoRA on the
-    # captions, instruct goes on with the questions; in both, tower and projector wait 50 iterations while LoRA
-    # learns the stage's words.
+    # captions (tower and projector wait 50 iterations while LoRA learns the words), instruct goes on with the
+    # questions.
     "demo": {
         "common": dict(stage="both", image_folder=str(EASYVQA / "images"), eval_data=str(EASYVQA / "test.json"),
                        lm="demo", vision="demo",
@@ -175,8 +175,7 @@ PRESETS = {
                        log_interval=20, warmup_iters=20, weight_decay=0.0, group_size=2, max_new_tokens=8),
         "align": dict(data=str(EASYVQA / "captions.json"), batch_size=64, max_iters=300, lr=1e-3, min_lr=1e-4,
                       freeze_image_iters=50),
-        "instruct": dict(data=str(EASYVQA / "train.json"), batch_size=64, max_iters=1200, lr=1e-3, min_lr=1e-4,
-                         freeze_image_iters=50),
+        "instruct": dict(data=str(EASYVQA / "train.json"), batch_size=64, max_iters=1200, lr=1e-3, min_lr=1e-4),
     },
     # tests: a tiny LM and tower from random weights, a few iterations
     "tiny": {
