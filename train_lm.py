@@ -147,6 +147,19 @@ def parse_value(name, kind, text):
 def parse_config(cls, argv, presets=None):
     """A `cls` dataclass from `--key=value` arguments (a bare `--flag` sets a bool). With presets, `--preset=name`
     (or the field's default) picks the defaults first. Unknown keys and bad values raise ValueError."""
+    given = parse_options(cls, argv)
+    values = {}
+    if presets is not None:
+        name = given.get("preset", next(f.default for f in fields(cls) if f.name == "preset"))
+        if name not in presets:
+            raise ValueError(f"unknown preset {name!r}; choose from {', '.join(presets)}")
+        values.update(presets[name])
+    values.update(given)
+    return cls(**values)
+
+
+def parse_options(cls, argv):
+    """{field: typed value} of the `--key=value` arguments for the `cls` dataclass, as the command line gave them."""
     types = {f.name: f.type for f in fields(cls)}
     given = {}
     for arg in argv:
@@ -159,14 +172,7 @@ def parse_config(cls, argv, presets=None):
         if not has_value and types[key] is not bool:
             raise ValueError(f"--{key} needs a value: --{key}=...")
         given[key] = parse_value(key, types[key], text if has_value else "true")
-    values = {}
-    if presets is not None:
-        name = given.get("preset", next(f.default for f in fields(cls) if f.name == "preset"))
-        if name not in presets:
-            raise ValueError(f"unknown preset {name!r}; choose from {', '.join(presets)}")
-        values.update(presets[name])
-    values.update(given)
-    return cls(**values)
+    return given
 
 
 # ---- processes, devices, precision ---------------------------------------------------------------------------

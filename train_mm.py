@@ -53,8 +53,8 @@ from model import Phi, PhiConfig
 from projector import build_projector, load_projector, num_image_tokens, save_projector, splice_image_features
 from tokenizer import IMAGE_TOKEN_ID, Tokenizer, encode_chat
 from train_lm import (JsonlLog, atomic_write, autocast_dtype, cosine_lr, find_checkpoint, format_seconds,
-                      gather_objects, gradient_sync, parse_config, plot_losses, rng_state, save_checkpoint,
-                      seed_everything, set_rng_state, setup_distributed)
+                      gather_objects, gradient_sync, parse_config, parse_options, plot_losses, rng_state,
+                      save_checkpoint, seed_everything, set_rng_state, setup_distributed)
 
 REPO = Path(__file__).resolve().parent
 IGNORE = -100
@@ -203,10 +203,7 @@ def stage_configs(argv):
     def flat(stage):
         return {name: {**p.get("common", {}), **p.get(stage, {})} for name, p in PRESETS.items()}
 
-    given = {}  # the options on the command line
-    for arg in argv:
-        key, _, value = arg.removeprefix("--").partition("=")
-        given[key.replace("-", "_")] = value
+    given = parse_options(MMConfig, argv)
     preset = PRESETS.get(given.get("preset", MMConfig.preset), {})
     stage = given.get("stage", preset.get("common", {}).get("stage", MMConfig.stage))
     first = parse_config(MMConfig, argv, flat("instruct" if stage == "both" else stage))  # the run as a whole
@@ -786,7 +783,7 @@ def run_stage(cfg, d, log):
             # no step and no optimizer state yet: a random LM's first gradients ("say these words at all") would
             # collapse a random tower, and would linger in Adam's second moments
             for group in optimizer.param_groups:
-                if group["image"]:
+                if group.get("image"):
                     for p in group["params"]:
                         p.grad = None
         grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip or math.inf))

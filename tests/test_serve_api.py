@@ -670,6 +670,7 @@ def test_concurrent_streaming_clients_all_finish_or_get_429(live):
             results.append((None, repr(err)))
 
     def round_of(n=20):
+        assert wait_until_idle(app)  # the last round's places are given back just after their last bytes
         results, barrier = [], threading.Barrier(n)
         threads = [threading.Thread(target=one_client, args=(results, barrier)) for _ in range(n)]
         for t in threads:
