@@ -513,28 +513,36 @@ def create_app(chat, config=None):
                        "choices": choices, **extra}
             return f"data: {json.dumps(payload)}\n\n"
 
+        def release():
+            pieces.close()
+            ticket.leave()
+
         def events():
-            yield chunk({"role": "assistant", "content": ""}, transcripts=transcripts)
+            # The finally frees the model even when the server drops the stream without closing it (werkzeug
+            # skips close() when a client resets the connection); the generator's finalizer then runs it.
             try:
-                if first is not None:
-                    yield chunk({"content": first})
-                    for piece in pieces:
-                        yield chunk({"content": piece})
-            except Exception as err:
-                log.exception("generation failed mid-stream")
-                error = {"message": f"generation failed: {err}", "type": "server_error", "param": None, "code": None}
-                yield f"data: {json.dumps({'error': error})}\n\n"
+                yield chunk({"role": "assistant", "content": ""}, transcripts=transcripts)
+                try:
+                    if first is not None:
+                        yield chunk({"content": first})
+                        for piece in pieces:
+                            yield chunk({"content": piece})
+                except Exception as err:
+                    log.exception("generation failed mid-stream")
+                    error = {"message": f"generation failed: {err}", "type": "server_error", "param": None, "code": None}
+                    yield f"data: {json.dumps({'error': error})}\n\n"
+                    yield "data: [DONE]\n\n"
+                    return
+                yield chunk({}, usage.get("finish_reason", "stop"))
+                if req.include_usage:
+                    yield chunk(None, usage=usage_json())
                 yield "data: [DONE]\n\n"
-                return
-            yield chunk({}, usage.get("finish_reason", "stop"))
-            if req.include_usage:
-                yield chunk(None, usage=usage_json())
-            yield "data: [DONE]\n\n"
+            finally:
+                release()
 
         response = Response(events(), mimetype="text/event-stream",
                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        response.call_on_close(pieces.close)  # the client went away or the stream ended: free the model
-        response.call_on_close(ticket.leave)
+        response.call_on_close(release)  # the client went away before the stream started, or it ended
         return response
 
     return app

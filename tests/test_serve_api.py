@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from werkzeug.test import EnvironBuilder
 
 import serve
 from serve import ServeConfig, create_app
@@ -634,6 +635,20 @@ def test_a_client_that_disconnects_frees_the_model():
         assert wait_until_idle(app)
         connection, response = raw_request(url, chat_body(max_tokens=3))  # the single slot is free again
         assert response.status == 200 and json.loads(response.read())["usage"]["completion_tokens"] == 3
+
+
+def test_a_stream_the_server_drops_without_closing_frees_the_model():
+    # werkzeug skips the WSGI close() when a client resets the connection at the wrong moment; the model and the
+    # queue place must come back anyway once the dropped stream is gone
+    chat = ScriptedChat("word " * 50, whisper=None)
+    app = create_app(chat, ServeConfig(max_queue=1))
+    environ = EnvironBuilder(path="/v1/chat/completions", method="POST",
+                             json=chat_body(max_tokens=50, stream=True)).get_environ()
+    body = app(environ, lambda status, headers, exc_info=None: None)
+    assert next(iter(body)).startswith(b"data: ")
+    assert app.extensions["omniphi"]["admission"].active == 1
+    del body  # dropped mid-stream, never closed
+    assert chat.closed.is_set() and app.extensions["omniphi"]["admission"].active == 0
 
 
 def test_a_full_queue_answers_429_at_once():
