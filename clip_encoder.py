@@ -91,9 +91,9 @@ CLIP_PRESETS = {
                                    num_attention_heads=16, image_size=224, patch_size=14),
     "clip-vit-base-patch16": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                                   num_attention_heads=12, image_size=224, patch_size=16),
-    # the CPU demo: 64x64 images (easy-vqa size), 8x8 grid of 64 patches, trains in minutes on a laptop
-    "demo": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
-                 image_size=64, patch_size=8),
+    # the CPU demo: easy-vqa's 64x64 images at 32x32, an 8x8 grid of 64 patches, trains in minutes on a laptop
+    "demo": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                 image_size=32, patch_size=4),
     # unit tests
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  image_size=32, patch_size=8),

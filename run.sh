@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # omniphi in one command, offline, on a CPU:
-#   bash run.sh            venv + data + pretrain + align + instruct + report, then the chat on 127.0.0.1:8000
+#   bash run.sh            venv + data + pretrain + clip, align, instruct + report, then the chat on 127.0.0.1:8000
 #   bash run.sh --check    steps 1-4 only; exits non-zero if the LM loss drop < 3.0 or easy-vqa accuracy < 90%
 #   bash run.sh test       venv + test requirements, then the test suite
 # A second run reuses everything already built (and resumes an interrupted stage).
@@ -53,6 +53,8 @@ stage multimodal out/mm-demo/eval.json out/mm-demo "$PY" train_mm.py --preset=de
 import json, re, shutil, sys
 from pathlib import Path
 
+import torch
+
 lm = dict(re.findall(r"^\| ([^|]+?) \| ([^|]+?) \|$", Path("out/lm-demo/report.md").read_text(), re.M))
 ev = json.loads(Path("out/mm-demo/eval.json").read_text())
 times = {}
@@ -66,6 +68,11 @@ rows = [("LM initial val loss", f"{initial:.3f}"), ("LM final val loss", f"{fina
         ("LM loss drop (target >= 3.0)", f"{initial - final:.3f}"),
         ("easy-vqa test accuracy (target >= 90%)", f"{100 * accuracy:.1f}% of {ev['n']:,} questions")]
 rows += [(f"easy-vqa accuracy, {k} questions", f"{100 * v:.1f}%") for k, v in ev.get("by_type", {}).items()]
+for name in ("clip", "align", "instruct"):  # the parts of the multimodal stage, as its checkpoints recorded them
+    state = Path(f"out/mm-demo/{name}/ckpt/train_state.pt")
+    if state.is_file():
+        times[f"multimodal: {name}"] = round(torch.load(state, map_location="cpu", weights_only=False)["train_time_s"])
+times["multimodal: easy-vqa evaluation"] = round(ev["seconds"])
 rows += [(f"wall time: {k}", f"{v // 60}m {v % 60:02d}s") for k, v in times.items()]
 table = "| measure | value |\n|---|---|\n" + "\n".join(f"| {a} | {b} |" for a, b in rows)
 shutil.copy("out/lm-demo/loss.png", "out/demo/lm_loss.png")

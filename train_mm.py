@@ -2,8 +2,10 @@
 Multimodal training, LLaVA style. Stage `align`: the vision tower and the language model are frozen and only the
 projector learns, on captions. Stage `instruct`: the projector and LoRA adapters on a 16-bit or NF4 base learn to
 answer, on multi-turn conversations. The loss covers only the assistant's answers and the <|endoftext|> after each.
+Stage `clip`, for a tower from random weights only: the tower learns from image-caption pairs with CLIP's contrastive
+objective before align (`--stage=all` runs clip, align, instruct; `--stage=both` align and instruct).
 
-    python train_mm.py                                    # offline demo on a CPU: easy-vqa, align, instruct, eval
+    python train_mm.py                                    # offline demo on a CPU: easy-vqa, clip, align, instruct, eval
     python train_mm.py --eval                             # evaluate the demo checkpoint again
 
     torchrun --nproc_per_node=8 train_mm.py --preset=llava --stage=align \
@@ -17,11 +19,13 @@ run resumes exactly (--resume) and N processes train like one. The run folder ge
 and sample answers), loss.png and ckpt/, a multimodal checkpoint that generate.py and serve.py load:
 mm_config.json, projector.safetensors, the PEFT adapter (instruct), vision/ when the tower is ours, train_state.pt.
 
-The demo has no pretrained CLIP offline: its tower is a small ViT from random weights that trains in both stages
-(--train_vision). Its LM is a random 'demo' Phi (`--lm=out/lm-demo/ckpt`, the pretraining demo's model, works too),
-which cannot say the captions' words: a frozen output head caps every logit through the final LayerNorm, and a model
-pretrained on Python sources shares one output direction among the words it never saw. So the demo adapts lm_head
-with LoRA too, and trains LoRA already in align (--align_lora), where LLaVA trains the projector alone.
+The demo has no pretrained CLIP offline: its tower is a small ViT from random weights that learns from easy-vqa's
+captions in the clip stage and is frozen after it, as LLaVA's is. Trained through the LM instead (--train_vision),
+such a tower learns colours but never shapes. Its LM is a random 'demo' Phi (`--lm=out/lm-demo/ckpt`, the
+pretraining demo's model, works too), which cannot say the captions' words: a frozen output head caps every logit
+through the final LayerNorm, and a model pretrained on Python sources shares one output direction among the words it
+never saw. So the demo adapts lm_head with LoRA too, and trains LoRA already in align (--align_lora), where LLaVA
+trains the projector alone.
 """
 
 import contextlib
@@ -62,12 +66,14 @@ ROLES = {"human": "user", "gpt": "assistant"}
 TEMPLATE = "omniphi-chat"
 KILL_AT_ITER_ENV = "TRAIN_MM_SIGKILL_AT_ITER"  # for the resume test: SIGKILL this process after that iteration
 EASYVQA = REPO / "data" / "easyvqa" / "prepared"
+STAGES = {"clip": ("clip",), "align": ("align",), "instruct": ("instruct",), "both": ("align", "instruct"),
+          "all": ("clip", "align", "instruct")}
 
 
 @dataclass
 class MMConfig:
     preset: str = "demo"  # a PRESETS entry that sets the defaults (per stage); options on the command line win
-    stage: str = "both"  # align | instruct | both (align, then instruct from its checkpoint)
+    stage: str = "both"  # clip | align | instruct | both (align, then instruct) | all (clip, align, instruct)
     data: str = ""  # LLaVA JSON to train on
     image_folder: str = ""  # image paths in the JSON are relative to this folder
     val_data: str = ""  # held-out LLaVA JSON; empty: whole images with about val_size records are split off --data
@@ -127,8 +133,8 @@ class MMConfig:
     eval: bool = False  # only evaluate: --init's checkpoint, else the final one in out_dir
 
     def __post_init__(self):
-        if self.stage not in ("align", "instruct", "both"):
-            raise ValueError(f"--stage must be align, instruct or both, not {self.stage!r}")
+        if self.stage not in STAGES:
+            raise ValueError(f"--stage must be {', '.join(STAGES)}, not {self.stage!r}")
         for name in ("val_size", "batch_size", "eval_interval", "log_interval", "eval_batch_size", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, not {getattr(self, name)}")
@@ -156,23 +162,24 @@ class MMConfig:
         if self.resume and self.eval:
             raise ValueError("--resume and --eval exclude each other")
         if not self.out_dir:
-            self.out_dir = f"out/mm-{self.preset}" + ("" if self.stage == "both" else f"/{self.stage}")
+            self.out_dir = f"out/mm-{self.preset}" + ("" if len(STAGES[self.stage]) > 1 else f"/{self.stage}")
 
 
 # Per preset: "common" settings, then "align" and "instruct" settings on top for that stage.
 PRESETS = {
-    # this CPU, offline: easy-vqa. A random ViT (images at 32x32, 8x8 patches of 4 pixels, 128 wide) pooled to 4
-    # tokens, and LoRA (with the output head) on a random 'demo' Phi. Align trains tower, projector and LoRA on the
-    # captions (tower and projector wait 50 iterations while LoRA learns the words), instruct goes on with the
-    # questions.
+    # this CPU, offline: easy-vqa. A random ViT (images at 32x32, 8x8 patches of 4 pixels, 128 wide) learns from
+    # the captions CLIP's way (clip) and is frozen from then on; pooled to 4 tokens, it feeds a random 'demo' Phi
+    # with LoRA (the output head too): align trains projector and LoRA on the captions (the projector waits 50
+    # iterations while LoRA learns the words), instruct goes on with the questions.
     "demo": {
-        "common": dict(stage="both", image_folder=str(EASYVQA / "images"), eval_data=str(EASYVQA / "test.json"),
+        "common": dict(stage="all", image_folder=str(EASYVQA / "images"), eval_data=str(EASYVQA / "test.json"),
                        lm="demo", vision="demo",
-                       vision_config="hidden_size=128,intermediate_size=512,image_size=32,patch_size=4",
-                       projector="pool4x4_mlp2x_gelu", feature_layer=-1, train_vision=True, lora_r=32,
+                       projector="pool4x4_mlp2x_gelu", feature_layer=-1, lora_r=32,
                        lora_alpha=64.0, lora_dropout=0.0, lora_targets="q_proj,k_proj,v_proj,dense,fc1,fc2,lm_head",
                        align_lora=True, dtype="bfloat16", val_size=200, samples=4, eval_interval=200,
                        log_interval=20, warmup_iters=20, weight_decay=0.0, group_size=2, max_new_tokens=8),
+        "clip": dict(data=str(EASYVQA / "captions.json"), batch_size=128, max_iters=400, lr=1e-3, min_lr=1e-4,
+                     eval_interval=100),
         "align": dict(data=str(EASYVQA / "captions.json"), batch_size=64, max_iters=300, lr=1e-3, min_lr=1e-4,
                       freeze_image_iters=50),
         "instruct": dict(data=str(EASYVQA / "train.json"), batch_size=64, max_iters=1200, lr=1e-3, min_lr=1e-4),
@@ -206,19 +213,21 @@ def stage_configs(argv):
     given = parse_options(MMConfig, argv)
     preset = PRESETS.get(given.get("preset", MMConfig.preset), {})
     stage = given.get("stage", preset.get("common", {}).get("stage", MMConfig.stage))
-    first = parse_config(MMConfig, argv, flat("instruct" if stage == "both" else stage))  # the run as a whole
-    stages = ("align", "instruct") if first.stage == "both" else (first.stage,)
-    configs = [replace(parse_config(MMConfig, argv, flat(stage)), stage=stage) for stage in stages]
+    first = parse_config(MMConfig, argv, flat(STAGES.get(stage, (stage,))[-1]))  # the run as a whole
+    configs = [replace(parse_config(MMConfig, argv, flat(stage)), stage=stage) for stage in STAGES[first.stage]]
     for cfg in configs:
         if not cfg.data and not cfg.eval:
             raise ValueError(f"--data is required for the {cfg.stage} stage (a LLaVA JSON)")
         if cfg.init:
             cfg.lm, cfg.vision = (cfg.lm if "lm" in given else ""), (cfg.vision if "vision" in given else "")
-    if first.stage == "both":
+    if len(configs) > 1:  # each stage in its own folder, starting from the one before
         base = Path(first.out_dir)
-        align, instruct = configs
-        align.out_dir, instruct.out_dir = str(base / "align"), str(base / "instruct")
-        instruct.init, instruct.lm, instruct.vision = str(base / "align" / "ckpt"), "", ""
+        for before, cfg in zip([None] + configs, configs):
+            cfg.out_dir = str(base / cfg.stage)
+            if before is not None and before.stage == "clip":
+                cfg.vision = str(base / "clip" / "ckpt" / "vision")
+            elif before is not None:
+                cfg.init, cfg.lm, cfg.vision = str(base / before.stage / "ckpt"), "", ""
     return first, configs
 
 
@@ -473,6 +482,43 @@ class MultimodalLM(nn.Module):
             row = row[:row.index(tokenizer.eos_id)] if tokenizer.eos_id in row else row
             answers.append(tokenizer.decode(row).strip())
         return answers
+
+
+class CaptionEncoder(nn.Module):
+    """The text side of the contrastive stage: the mean of a caption's token embeddings, projected. A bag of words
+    says everything in a caption like "A red circle."; CLIP itself has a text transformer here."""
+
+    def __init__(self, vocab_size, dim):
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size, dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, ids, mask):
+        mask = mask.unsqueeze(-1).to(self.proj.weight.dtype)
+        return self.proj((self.embedding(ids) * mask).sum(1) / mask.sum(1).clamp(min=1))
+
+
+class ContrastiveTower(nn.Module):
+    """CLIP's objective, for a tower from random weights: the embeddings of an image and its caption meet, those of
+    other pairs in the batch part (pairs with the same caption count as matches). The image embedding is the mean
+    of the patch features the projector will read (feature_layer), so those are what learns."""
+
+    def __init__(self, vision, feature_layer, vocab_size):
+        super().__init__()
+        width = vision.config.hidden_size
+        self.vision, self.feature_layer = vision, feature_layer
+        self.text = CaptionEncoder(vocab_size, width)
+        self.visual_projection = nn.Linear(width, width, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def forward(self, pixels, ids, mask, caption_index):
+        """(loss, logits image x caption); caption_index[i] identifies image i's caption text."""
+        image = self.visual_projection(self.vision.features(pixels, layer=self.feature_layer).mean(1))
+        image, text = F.normalize(image.float(), dim=-1), F.normalize(self.text(ids, mask).float(), dim=-1)
+        logits = self.logit_scale.exp().clamp(max=100) * image @ text.T
+        same = (caption_index[:, None] == caption_index[None, :]).float()
+        targets = same / same.sum(1, keepdim=True)
+        return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2, logits
 
 
 # ---- building the parts ------------------------------------------------------------------------------------------
@@ -836,6 +882,158 @@ def run_stage(cfg, d, log):
     return out_dir / "ckpt"
 
 
+def image_captions(records):
+    """[(image path, caption)]: every image record's first answer, a caption in caption data."""
+    pairs = []
+    for r in records:
+        answers = [t["value"] for t in r["conversations"] if t["from"] == "gpt"]
+        if r.get("image") is not None and answers:
+            pairs.append((r["image"], answers[0].strip()))
+    if not pairs:
+        raise ValueError("the clip stage needs image records with an answer (a caption); the data has none")
+    return pairs
+
+
+def caption_batch(captions, tokenizer, device):
+    """(ids, mask, caption_index) of a list of caption texts; equal texts share a caption_index."""
+    distinct = {c: k for k, c in enumerate(dict.fromkeys(captions))}
+    rows = [tokenizer.encode(c) or [tokenizer.eos_id] for c in captions]
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [0] * (width - len(r)) for r in rows], device=device)
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
+    return ids, mask, torch.tensor([distinct[c] for c in captions], device=device)
+
+
+@torch.no_grad()
+def clip_eval(model, pairs, images, tokenizer, batch_size, device, autocast):
+    """(held-out loss, caption accuracy): the mean contrastive loss over batches of the held-out pairs, and how often
+    the nearest of all the held-out captions is an image's own."""
+    model.eval()
+    texts = list(dict.fromkeys(c for _, c in pairs))
+    ids, mask, _ = caption_batch(texts, tokenizer, device)
+    with torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext():
+        text = F.normalize(model.text(ids, mask).float(), dim=-1)
+    losses, correct = [], 0
+    for k in range(0, len(pairs), batch_size):
+        chunk = pairs[k:k + batch_size]
+        pixels = images.get([p for p, _ in chunk], device)["pixels"]
+        with torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext():
+            loss, _ = model(pixels, *caption_batch([c for _, c in chunk], tokenizer, device))
+            image = model.visual_projection(model.vision.features(pixels, layer=model.feature_layer).mean(1))
+        nearest = (F.normalize(image.float(), dim=-1) @ text.T).argmax(1).tolist()
+        correct += sum(texts[n] == c for n, (_, c) in zip(nearest, chunk))
+        losses.append(loss.item())
+    model.train()
+    return sum(losses) / len(losses), correct / len(pairs)
+
+
+def run_clip_stage(cfg, d, log):
+    """Contrastive pretraining of a vision tower (ContrastiveTower) on image-caption pairs; returns the checkpoint
+    folder, whose vision/ is a CLIP vision folder for --vision."""
+    out_dir = Path(cfg.out_dir)
+    checkpoint = find_checkpoint(out_dir) if cfg.resume else None
+    if cfg.resume and checkpoint is None:
+        raise FileNotFoundError(f"--resume: no checkpoint in {out_dir} (expected {out_dir / 'ckpt' / 'train_state.pt'})")
+    if cfg.batch_size % d.world:
+        raise ValueError(f"--batch_size={cfg.batch_size} is not divisible by the {d.world} processes")
+    per_rank = cfg.batch_size // d.world
+    state = torch.load(checkpoint / "train_state.pt", map_location="cpu", weights_only=False) if checkpoint else {}
+    if checkpoint is not None and state["iter"] >= state["max_iters"]:
+        log(f"clip: {checkpoint} is complete ({state['iter']} iterations)")
+        return checkpoint
+
+    train_records, val_records = split_off(load_checked(cfg.data, cfg, d, log), cfg.val_size, cfg.seed)
+    if cfg.val_data:
+        train_records, val_records = train_records + val_records, load_checked(cfg.val_data, cfg, d, log)
+    pairs, val_pairs = image_captions(train_records), image_captions(val_records)
+    seed_everything(cfg.seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = Tokenizer()
+    vision, _ = load_vision(replace(cfg, train_vision=True), str(checkpoint / "vision") if checkpoint else cfg.vision, d)
+    model = ContrastiveTower(vision.requires_grad_(True).train(), cfg.feature_layer, tokenizer.vocab_size).to(d.device)
+    if checkpoint is not None:
+        from safetensors.torch import load_file
+        model.load_state_dict(load_file(checkpoint / "contrastive.safetensors", device=str(d.device)), strict=False)
+    images = ImageSource(cfg.image_folder, vision.processor, cfg.pad_to_square, None, cfg.pixel_cache_mb, cfg.workers)
+    order = LlavaData([{"image": p} for p, _ in pairs], tokenizer, 0, 0, cfg.seed)  # only its batch order is used
+    max_iters = cfg.max_iters or math.ceil(cfg.epochs * len(pairs) / cfg.batch_size)
+    autocast = autocast_dtype(cfg.dtype, d.device)
+    optimizer = make_optimizer(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, kind=cfg.optimizer,
+                               betas=(cfg.beta1, cfg.beta2))
+    ddp = nn.parallel.DistributedDataParallel(model) if d.world > 1 else model
+    it = 0
+    if checkpoint is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        it = state["iter"]
+        set_rng_state(state["rng"][d.rank] if len(state["rng"]) == d.world else state["rng"][0])
+        log(f"resuming clip from {checkpoint} at iter {it}")
+    logbook = JsonlLog(out_dir / "log.jsonl", keep_until_iter=it if checkpoint else None) if d.master else None
+    log(f"clip: {len(pairs):,} train / {len(val_pairs):,} held-out image-caption pairs, {max_iters} iters of "
+        f"{cfg.batch_size} ({d.world} processes), {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+        f"{d.device}, {autocast or torch.float32}, out: {out_dir}", flush=True)
+    session_start, time_before = time.time(), state.get("train_time_s", 0.0)
+
+    def evaluate_and_log(row):
+        if d.master:
+            row["val_loss"], row["caption_accuracy"] = clip_eval(model, val_pairs, images, tokenizer, cfg.eval_batch_size,
+                                                                 d.device, autocast)
+            log(f"clip iter {row['iter']}/{max_iters}: held-out loss {row['val_loss']:.4f}, held-out images whose "
+                f"nearest caption is their own {100 * row['caption_accuracy']:.1f}%", flush=True)
+            logbook.write(row)
+            plot_losses(logbook.rows(), out_dir / "loss.png", f"clip on {Path(cfg.data).name}")
+
+    def save():
+        rngs = gather_objects(rng_state(), d)
+        if d.master:
+            from safetensors.torch import save_file
+            train_state = {"iter": it, "max_iters": max_iters, "optimizer": optimizer.state_dict(), "rng": rngs,
+                           "config": asdict(cfg), "train_time_s": time_before + time.time() - session_start,
+                           "world_size": d.world}
+
+            def write(folder):
+                vision.save_pretrained(folder / "vision")
+                save_file({k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith("vision.")},
+                          str(folder / "contrastive.safetensors"))
+                torch.save(train_state, folder / "train_state.pt")
+            save_checkpoint(out_dir, write)
+        d.barrier()
+
+    if checkpoint is None:
+        evaluate_and_log({"iter": 0, "stage": "clip", "train_loss": None, "lr": 0.0})
+    kill_at = int(os.environ.get(KILL_AT_ITER_ENV, -1))
+    start = time.time()
+    while it < max_iters:
+        lr = cosine_lr(it, cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.lr_decay_iters or max_iters)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        chunk = [pairs[i] for i in order.indices(it, cfg.batch_size)[d.rank * per_rank:(d.rank + 1) * per_rank]]
+        pixels = images.get([p for p, _ in chunk], d.device)["pixels"]
+        with torch.autocast(d.device.type, dtype=autocast) if autocast else contextlib.nullcontext():
+            loss, _ = ddp(pixels, *caption_batch([c for _, c in chunk], tokenizer, d.device))
+        loss.backward()  # each process's own batch is contrasted; DDP averages the gradients
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf))
+        if not (math.isfinite(loss.item()) and math.isfinite(grad_norm)):
+            raise FloatingPointError(f"the clip loss or its gradient is not finite at iter {it + 1}; training stopped")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        it += 1
+        if it % cfg.log_interval == 0 or it % cfg.eval_interval == 0 or it == max_iters:
+            row = {"iter": it, "stage": "clip", "train_loss": loss.item(), "lr": lr, "grad_norm": grad_norm,
+                   "ms_per_iter": 1000 * (time.time() - start) / it}
+            log(f"clip iter {it}/{max_iters}: loss {row['train_loss']:.4f}, lr {lr:.2e}", flush=True)
+            if it % cfg.eval_interval == 0 or it == max_iters:
+                evaluate_and_log(row)
+            elif d.master:
+                logbook.write(row)
+        if it % (cfg.ckpt_interval or cfg.eval_interval) == 0 or it == max_iters:
+            save()
+        if it == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+    log(f"clip: done, {it} iterations in {format_seconds(time_before + time.time() - session_start)}; "
+        f"checkpoint {out_dir / 'ckpt'}", flush=True)
+    return out_dir / "ckpt"
+
+
 @torch.no_grad()
 def held_out_loss(mm, val, micro, max_batches, images, d, autocast):
     """(mean loss per target token, number of targets) over the held-out records; process r takes every world-th."""
@@ -945,7 +1143,7 @@ def evaluate(cfg, checkpoint, d, log):
 
 def final_checkpoint(first):
     out = Path(first.out_dir)
-    return find_checkpoint(out / "instruct" if first.stage == "both" else out)
+    return find_checkpoint(out / STAGES[first.stage][-1] if len(STAGES[first.stage]) > 1 else out)
 
 
 def main(argv=None):
@@ -973,10 +1171,10 @@ def main(argv=None):
             d.barrier()
         checkpoint = None
         for cfg in configs:
-            if first.stage == "both" and cfg.resume:  # resume the stage that was interrupted; start the next one
+            if len(configs) > 1 and cfg.resume:  # resume the stage that was interrupted; start the next one
                 cfg.resume = find_checkpoint(cfg.out_dir) is not None
-            checkpoint = run_stage(cfg, d, log)
-        if first.eval_data:
+            checkpoint = (run_clip_stage if cfg.stage == "clip" else run_stage)(cfg, d, log)
+        if first.eval_data and first.stage != "clip":
             evaluate(replace(configs[-1], out_dir=first.out_dir), checkpoint, d, log)
         log(f"total wall time {format_seconds(time.time() - start)}")
     except (ValueError, FileNotFoundError, FloatingPointError) as err:

@@ -311,6 +311,67 @@ def test_two_process_ddp_matches_one_process(reference_run, tmp_path):
             assert (a[key] is None) == (b[key] is None) and (a[key] is None or abs(a[key] - b[key]) < 1e-4)
 
 
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    """Caption data of 64 drawn images: a reddish or a bluish circle or square of a random size and place."""
+    from PIL import ImageDraw
+    root, generator = tmp_path_factory.mktemp("shapes"), torch.Generator().manual_seed(0)
+    (root / "images").mkdir()
+    records = []
+    for k in range(64):
+        image, draw = Image.new("RGB", (32, 32), "white"), None
+        size, x, y = torch.randint(10, 16, (1,), generator=generator).item(), *torch.randint(0, 16, (2,), generator=generator).tolist()
+        strong, weak = 150 + torch.randint(0, 100, (1,), generator=generator).item(), torch.randint(0, 80, (2,), generator=generator).tolist()
+        name, colour = ("red", (strong, *weak)) if k % 2 else ("blue", (*weak, strong))
+        draw = ImageDraw.Draw(image)
+        (draw.ellipse if k % 3 else draw.rectangle)((x, y, x + size, y + size), fill=colour)
+        image.save(root / "images" / f"{k}.png")
+        records.append({"id": f"caption-{k}", "image": f"{k}.png", "conversations": [
+            {"from": "human", "value": "<image>\nDescribe the image briefly."}, {"from": "gpt", "value": f"A {name} shape."}]})
+    (root / "captions.json").write_text(json.dumps(records))
+    return root
+
+
+CLIP = TINY + ["--stage=clip", "--batch_size=16", "--val_size=16", "--lr=3e-3", "--feature_layer=-1", "--log_interval=5"]
+
+
+def test_clip_stage_learns_which_caption_is_which(shapes, tmp_path):
+    out = tmp_path / "clip"
+    train_mm.main(CLIP + [f"--data={shapes / 'captions.json'}", f"--image_folder={shapes / 'images'}",
+                          "--max_iters=60", "--eval_interval=30", f"--out_dir={out}"])
+    rows = [r for r in log_rows(out) if r.get("val_loss") is not None]
+    assert [r["iter"] for r in rows] == [0, 30, 60]
+    assert rows[-1]["caption_accuracy"] == 1.0 and rows[-1]["val_loss"] < rows[0]["val_loss"]  # chance is 50%
+    from clip_encoder import CLIPVision
+    tower = CLIPVision.from_pretrained(out / "ckpt" / "vision")
+    assert tower.config.hidden_size == 64 and (out / "loss.png").is_file()
+
+
+def test_clip_stage_resumes_exactly(shapes, tmp_path):
+    args = CLIP + [f"--data={shapes / 'captions.json'}", f"--image_folder={shapes / 'images'}", "--max_iters=4",
+                   "--ckpt_interval=2", "--eval_interval=4"]
+    reference = run_script(args + [f"--out_dir={tmp_path / 'reference'}"])
+    assert reference.returncode == 0, reference.stderr
+    killed = run_script(args + [f"--out_dir={tmp_path / 'killed'}"], env={train_mm.KILL_AT_ITER_ENV: "3"})
+    assert killed.returncode == -9
+    resumed = run_script(args + [f"--out_dir={tmp_path / 'killed'}", "--resume"])
+    assert resumed.returncode == 0 and "resuming clip" in resumed.stdout, resumed.stderr
+    for name in ("vision/model.safetensors", "contrastive.safetensors"):
+        want, got = load_file(str(tmp_path / "reference" / "ckpt" / name)), load_file(str(tmp_path / "killed" / "ckpt" / name))
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want), name
+    assert [r["train_loss"] for r in log_rows(tmp_path / "killed")] == [r["train_loss"] for r in log_rows(tmp_path / "reference")]
+
+
+def test_all_stages_hand_the_clip_tower_to_align(shapes, tmp_path):
+    out = tmp_path / "all"
+    train_mm.main(TINY + [f"--data={shapes / 'captions.json'}", f"--image_folder={shapes / 'images'}", "--stage=all",
+                          "--train_vision=false", "--max_iters=2", "--samples=0", f"--out_dir={out}"])
+    tower = out / "clip" / "ckpt" / "vision"
+    align = json.loads((out / "align" / "ckpt" / "mm_config.json").read_text())
+    assert align["vision"] == str(tower.resolve())
+    assert json.loads((out / "instruct" / "ckpt" / "mm_config.json").read_text())["stage"] == "instruct"
+
+
 @pytest.mark.parametrize("change, words", [
     (lambda records: {"records": records}, "must hold a JSON list of records"),
     (lambda records: records[:1] + [{"id": "lost-convs", "image": "000000052846.jpg"}],
@@ -340,12 +401,13 @@ def test_stage_configs():
     _, (alone,) = train_mm.stage_configs(["--preset=tiny", "--stage=instruct", "--data=d.json", "--init=ck",
                                           "--vision=tower"])
     assert alone.vision == "tower" and alone.lm == ""
-    _, (demo_align, demo_instruct) = train_mm.stage_configs([])
-    assert demo_align.data.endswith("captions.json") and demo_instruct.data.endswith("train.json")
+    _, (demo_clip, demo_align, demo_instruct) = train_mm.stage_configs([])
+    assert demo_clip.data == demo_align.data and demo_align.data.endswith("captions.json")
+    assert demo_instruct.data.endswith("train.json") and demo_align.vision == "out/mm-demo/clip/ckpt/vision"
 
 
 def test_bad_options_are_refused():
-    for argv, words in ((["--stage=pretrain"], "--stage must be align, instruct or both"),
+    for argv, words in ((["--stage=pretrain"], "--stage must be clip, align, instruct, both, all"),
                         (["--quantize=fp8"], "--quantize"), (["--no_such_option=1"], "unknown option --no_such_option"),
                         (["--features=x", "--train_vision"], "exclude each other")):
         with pytest.raises(SystemExit, match=words):
