@@ -700,22 +700,27 @@ def optimizer_groups(parts, cfg):
     return [g for g in groups if g["params"]]
 
 
-def run_stage(cfg, d, log):
-    """Train one stage as configured; returns its checkpoint folder."""
+def starting_point(cfg, d):
+    """(out_dir, the checkpoint to resume or None, its train state or {}, records per process and step)."""
     out_dir = Path(cfg.out_dir)
     checkpoint = find_checkpoint(out_dir) if cfg.resume else None
     if cfg.resume and checkpoint is None:
         raise FileNotFoundError(f"--resume: no checkpoint in {out_dir} (expected {out_dir / 'ckpt' / 'train_state.pt'})")
     if cfg.batch_size % d.world:
         raise ValueError(f"--batch_size={cfg.batch_size} is not divisible by the {d.world} processes")
-    per_rank = cfg.batch_size // d.world
+    state = torch.load(checkpoint / "train_state.pt", map_location="cpu", weights_only=False) if checkpoint else {}
+    return out_dir, checkpoint, state, cfg.batch_size // d.world
+
+
+def run_stage(cfg, d, log):
+    """Train one stage as configured; returns its checkpoint folder."""
+    out_dir, checkpoint, state, per_rank = starting_point(cfg, d)
     micro = cfg.micro_batch_size or per_rank
     if per_rank % micro:
         raise ValueError(f"each process takes {per_rank} records per step, not a multiple of --micro_batch_size={micro}")
     accum = per_rank // micro
     if cfg.init and checkpoint is None and not Path(cfg.init).is_dir():
         raise FileNotFoundError(f"--init={cfg.init}: no such checkpoint folder")
-    state = torch.load(checkpoint / "train_state.pt", map_location="cpu", weights_only=False) if checkpoint else {}
     if checkpoint is not None and state["iter"] >= (state.get("max_iters") or math.inf):
         log(f"{cfg.stage}: {checkpoint} is complete ({state['iter']} iterations)")
         return checkpoint
@@ -930,14 +935,7 @@ def clip_eval(model, pairs, images, tokenizer, batch_size, device, autocast):
 def run_clip_stage(cfg, d, log):
     """Contrastive pretraining of a vision tower (ContrastiveTower) on image-caption pairs; returns the checkpoint
     folder, whose vision/ is a CLIP vision folder for --vision."""
-    out_dir = Path(cfg.out_dir)
-    checkpoint = find_checkpoint(out_dir) if cfg.resume else None
-    if cfg.resume and checkpoint is None:
-        raise FileNotFoundError(f"--resume: no checkpoint in {out_dir} (expected {out_dir / 'ckpt' / 'train_state.pt'})")
-    if cfg.batch_size % d.world:
-        raise ValueError(f"--batch_size={cfg.batch_size} is not divisible by the {d.world} processes")
-    per_rank = cfg.batch_size // d.world
-    state = torch.load(checkpoint / "train_state.pt", map_location="cpu", weights_only=False) if checkpoint else {}
+    out_dir, checkpoint, state, per_rank = starting_point(cfg, d)
     if checkpoint is not None and state["iter"] >= state["max_iters"]:
         log(f"clip: {checkpoint} is complete ({state['iter']} iterations)")
         return checkpoint
@@ -953,14 +951,19 @@ def run_clip_stage(cfg, d, log):
     model = ContrastiveTower(vision.requires_grad_(True).train(), cfg.feature_layer, tokenizer.vocab_size).to(d.device)
     if checkpoint is not None:
         from safetensors.torch import load_file
-        model.load_state_dict(load_file(checkpoint / "contrastive.safetensors", device=str(d.device)), strict=False)
+        missing, unexpected = model.load_state_dict(load_file(checkpoint / "contrastive.safetensors", device=str(d.device)),
+                                                    strict=False)
+        if unexpected or any(not k.startswith("vision.") for k in missing):
+            raise ValueError(f"{checkpoint / 'contrastive.safetensors'} does not match the caption encoder")
     images = ImageSource(cfg.image_folder, vision.processor, cfg.pad_to_square, None, cfg.pixel_cache_mb, cfg.workers)
     order = LlavaData([{"image": p} for p, _ in pairs], tokenizer, 0, 0, cfg.seed)  # only its batch order is used
     max_iters = cfg.max_iters or math.ceil(cfg.epochs * len(pairs) / cfg.batch_size)
     autocast = autocast_dtype(cfg.dtype, d.device)
     optimizer = make_optimizer(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, kind=cfg.optimizer,
                                betas=(cfg.beta1, cfg.beta2))
-    ddp = nn.parallel.DistributedDataParallel(model) if d.world > 1 else model
+    ddp = model
+    if d.world > 1:
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
     it = 0
     if checkpoint is not None:
         optimizer.load_state_dict(state["optimizer"])
@@ -1001,7 +1004,7 @@ def run_clip_stage(cfg, d, log):
     if checkpoint is None:
         evaluate_and_log({"iter": 0, "stage": "clip", "train_loss": None, "lr": 0.0})
     kill_at = int(os.environ.get(KILL_AT_ITER_ENV, -1))
-    start = time.time()
+    start, first_it = time.time(), it
     while it < max_iters:
         lr = cosine_lr(it, cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.lr_decay_iters or max_iters)
         for group in optimizer.param_groups:
@@ -1019,7 +1022,7 @@ def run_clip_stage(cfg, d, log):
         it += 1
         if it % cfg.log_interval == 0 or it % cfg.eval_interval == 0 or it == max_iters:
             row = {"iter": it, "stage": "clip", "train_loss": loss.item(), "lr": lr, "grad_norm": grad_norm,
-                   "ms_per_iter": 1000 * (time.time() - start) / it}
+                   "ms_per_iter": 1000 * (time.time() - start) / (it - first_it)}
             log(f"clip iter {it}/{max_iters}: loss {row['train_loss']:.4f}, lr {lr:.2e}", flush=True)
             if it % cfg.eval_interval == 0 or it == max_iters:
                 evaluate_and_log(row)
