@@ -630,8 +630,11 @@ def build_parts(cfg, d, log, start=None, resuming=False):
         vision_config, processor = vision.config, vision.processor
         vision.requires_grad_(cfg.train_vision)
         vision.train(cfg.train_vision)
+    # a tower trained here (random, a clip stage's, one saved inside a checkpoint) goes into the checkpoint; a
+    # pretrained one (CLIP-L) is named
     inside_start = source is not None and start is not None and Path(source).resolve().is_relative_to(Path(start).resolve())
-    external = "" if (cfg.train_vision or source is None or inside_start) else portable_ref(source)
+    from_clip_stage = source is not None and (Path(source).parent / "contrastive.safetensors").is_file()
+    external = "" if (cfg.train_vision or source is None or inside_start or from_clip_stage) else portable_ref(source)
 
     kind = mm.get("projector", cfg.projector)
     if start is not None and (Path(start) / "projector.safetensors").is_file():

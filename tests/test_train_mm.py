@@ -8,6 +8,7 @@ load and answer with; cached features are used (and refused for another layer); 
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -366,10 +367,17 @@ def test_all_stages_hand_the_clip_tower_to_align(shapes, tmp_path):
     out = tmp_path / "all"
     train_mm.main(TINY + [f"--data={shapes / 'captions.json'}", f"--image_folder={shapes / 'images'}", "--stage=all",
                           "--train_vision=false", "--max_iters=2", "--samples=0", f"--out_dir={out}"])
-    tower = out / "clip" / "ckpt" / "vision"
-    align = json.loads((out / "align" / "ckpt" / "mm_config.json").read_text())
-    assert align["vision"] == str(tower.resolve())
-    assert json.loads((out / "instruct" / "ckpt" / "mm_config.json").read_text())["stage"] == "instruct"
+    tower = load_file(str(out / "clip" / "ckpt" / "vision" / "model.safetensors"))
+    for stage in ("align", "instruct"):  # the clip stage's tower, frozen, inside each checkpoint
+        config = json.loads((out / stage / "ckpt" / "mm_config.json").read_text())
+        assert config["vision"] == "vision" and config["stage"] == stage
+        saved = load_file(str(out / stage / "ckpt" / "vision" / "model.safetensors"))
+        assert saved.keys() == tower.keys() and all(torch.equal(saved[k], tower[k]) for k in tower)
+    shutil.rmtree(out / "clip")  # the final checkpoint stands on its own
+    from generate import ChatModel
+    chat = ChatModel(None, mm=out / "instruct" / "ckpt")
+    assert isinstance(chat.reply([{"role": "user", "content": "<image>\nWhat is it?"}],
+                                 [Image.open(shapes / "images" / "0.png")], temperature=0, max_tokens=3), str)
 
 
 @pytest.mark.parametrize("change, words", [
