@@ -90,7 +90,7 @@ class MMConfig:
     projector: str = "mlp2x_gelu"  # linear | mlp2x_gelu | pool2x2_mlp2x_gelu
     feature_layer: int = -2
     pad_to_square: bool = False
-    train_vision: bool = False  # also train the vision tower (the demo's tower starts from random weights)
+    train_vision: bool = False  # also train the tower, through the LM (a random one learns colours so, not shapes)
     lora_r: int = 64
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
