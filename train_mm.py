@@ -511,14 +511,20 @@ class ContrastiveTower(nn.Module):
         self.visual_projection = nn.Linear(width, width, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
-    def forward(self, pixels, ids, mask, caption_index):
-        """(loss, logits image x caption); caption_index[i] identifies image i's caption text."""
+    def image_embeddings(self, pixels):
         image = self.visual_projection(self.vision.features(pixels, layer=self.feature_layer).mean(1))
-        image, text = F.normalize(image.float(), dim=-1), F.normalize(self.text(ids, mask).float(), dim=-1)
+        return F.normalize(image.float(), dim=-1)
+
+    def caption_embeddings(self, ids, mask):
+        return F.normalize(self.text(ids, mask).float(), dim=-1)
+
+    def forward(self, pixels, ids, mask, caption_index):
+        """(loss, the images' embeddings); caption_index[i] identifies image i's caption text."""
+        image, text = self.image_embeddings(pixels), self.caption_embeddings(ids, mask)
         logits = self.logit_scale.exp().clamp(max=100) * image @ text.T
         same = (caption_index[:, None] == caption_index[None, :]).float()
         targets = same / same.sum(1, keepdim=True)
-        return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2, logits
+        return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2, image
 
 
 # ---- building the parts ------------------------------------------------------------------------------------------
@@ -920,15 +926,14 @@ def clip_eval(model, pairs, images, tokenizer, batch_size, device, autocast):
     texts = list(dict.fromkeys(c for _, c in pairs))
     ids, mask, _ = caption_batch(texts, tokenizer, device)
     with torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext():
-        text = F.normalize(model.text(ids, mask).float(), dim=-1)
+        text = model.caption_embeddings(ids, mask)
     losses, correct = [], 0
     for k in range(0, len(pairs), batch_size):
         chunk = pairs[k:k + batch_size]
         pixels = images.get([p for p, _ in chunk], device)["pixels"]
         with torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext():
-            loss, _ = model(pixels, *caption_batch([c for _, c in chunk], tokenizer, device))
-            image = model.visual_projection(model.vision.features(pixels, layer=model.feature_layer).mean(1))
-        nearest = (F.normalize(image.float(), dim=-1) @ text.T).argmax(1).tolist()
+            loss, image = model(pixels, *caption_batch([c for _, c in chunk], tokenizer, device))
+        nearest = (image @ text.T).argmax(1).tolist()
         correct += sum(texts[n] == c for n, (_, c) in zip(nearest, chunk))
         losses.append(loss.item())
     model.train()

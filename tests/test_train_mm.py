@@ -320,7 +320,7 @@ def shapes(tmp_path_factory):
     (root / "images").mkdir()
     records = []
     for k in range(64):
-        image, draw = Image.new("RGB", (32, 32), "white"), None
+        image = Image.new("RGB", (32, 32), "white")
         size, x, y = torch.randint(10, 16, (1,), generator=generator).item(), *torch.randint(0, 16, (2,), generator=generator).tolist()
         strong, weak = 150 + torch.randint(0, 100, (1,), generator=generator).item(), torch.randint(0, 80, (2,), generator=generator).tolist()
         name, colour = ("red", (strong, *weak)) if k % 2 else ("blue", (*weak, strong))
@@ -361,6 +361,15 @@ def test_clip_stage_resumes_exactly(shapes, tmp_path):
         want, got = load_file(str(tmp_path / "reference" / "ckpt" / name)), load_file(str(tmp_path / "killed" / "ckpt" / name))
         assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want), name
     assert [r["train_loss"] for r in log_rows(tmp_path / "killed")] == [r["train_loss"] for r in log_rows(tmp_path / "reference")]
+
+
+def test_clip_stage_needs_captioned_images(dataset, tmp_path):
+    data = tmp_path / "text-only.json"
+    data.write_text(json.dumps([r for r in llava_records() if "image" not in r] * 4))
+    with pytest.raises(SystemExit, match="the clip stage needs image records"):
+        train_mm.main(CLIP + [f"--data={data}", f"--image_folder={dataset / 'images'}", "--val_size=1",
+                              f"--out_dir={tmp_path / 'o'}"])
+    assert not (tmp_path / "o" / "ckpt").exists()
 
 
 def test_all_stages_hand_the_clip_tower_to_align(shapes, tmp_path):
