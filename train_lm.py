@@ -266,7 +266,7 @@ def configure_optimizer(model, lr, weight_decay, betas, device_type):
             if p.requires_grad:
                 (decay if p.dim() >= 2 and not isinstance(module, nn.Embedding) else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == "cuda")
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
 
 
 def cosine_lr(it, lr, min_lr, warmup_iters, decay_iters):

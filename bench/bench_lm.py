@@ -1,6 +1,9 @@
 """
 Benchmark: our Phi against transformers.PhiForCausalLM on the same random weights, in one run.
-Prefill tokens/s, decode tokens/s (batch 1, greedy), training tokens/s (forward + backward + AdamW).
+Decode tokens/s at batch 1 (greedy) in fp32, bf16 and weight-only int8 / NF4, each next to the memory-bandwidth
+limit (weight bytes / measured copy bandwidth); prefill tokens/s; training tokens/s in fp32 and under bf16
+autocast (forward + backward + fused AdamW, the optimizer of train_lm.py and of transformers' Trainer). Each ratio comes from alternating runs of the
+two models (the median of each), so load on a shared machine hits both alike.
 
     python bench/bench_lm.py                     # mid-sized config, CPU
     python bench/bench_lm.py --compile           # also our torch.compile'd decode step and training step
@@ -8,6 +11,7 @@ Prefill tokens/s, decode tokens/s (batch 1, greedy), training tokens/s (forward 
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -15,19 +19,30 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from bench_gpu import copy_bandwidth, weight_bytes  # noqa: E402
 from model import Phi, PhiConfig  # noqa: E402
 
 
-def timed(fn, reps):
-    fn()  # warm-up
+def seconds(fn):
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
+    fn()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / reps
+    return time.perf_counter() - t0
+
+
+def alternating(fn_a, fn_b, reps):
+    """Median seconds of fn_a and of fn_b, run in turns after one warm-up each (fn_b may be None)."""
+    fn_a()
+    if fn_b:
+        fn_b()
+    a, b = [], []
+    for _ in range(reps):
+        a.append(seconds(fn_a))
+        b.append(seconds(fn_b) if fn_b else 0.0)
+    return statistics.median(a), statistics.median(b)
 
 
 def main():
@@ -35,92 +50,102 @@ def main():
     ap.add_argument("--preset", default="small")
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--prompt", type=int, default=128)
-    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--train_batch", type=int, default=4)
     ap.add_argument("--train_seq", type=int, default=256)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
     ap.add_argument("--compile", action="store_true")
-    ap.add_argument("--quant", action="store_true", help="also NF4 and int8 weight-only models: speed and error")
     args = ap.parse_args()
     from transformers import PhiForCausalLM
 
-    dtype = getattr(torch, args.dtype)
+    device, new = args.device, args.new
     config = PhiConfig.from_preset(args.preset, num_hidden_layers=args.layers)
     torch.manual_seed(0)
-    prompt = torch.randint(0, 50000, (1, args.prompt), device=args.device)
-    rows, quant_rows = [], []
+    prompt = torch.randint(0, 50000, (1, args.prompt), device=device)
+    bandwidth = copy_bandwidth(device, 512 << 20)
+    decode_rows, rows = [], []
+
+    def ours_decode(model, compile=None):
+        return lambda: model.generate(prompt, new, temperature=0, eos_id=None, compile=compile)
+
+    def ref_decode(model):
+        return lambda: model.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+
     with tempfile.TemporaryDirectory() as tmp:
         Phi(config).save_pretrained(tmp)
-        ours = Phi.from_pretrained(tmp, dtype=dtype, device=args.device)
-        ref = PhiForCausalLM.from_pretrained(tmp, dtype=dtype, attn_implementation="sdpa").to(args.device).eval()
-        if args.quant:
+        load_ref = lambda dtype: PhiForCausalLM.from_pretrained(tmp, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+        full = Phi.from_pretrained(tmp, device=device)
+        with torch.inference_mode():
+            full_logits = full(prompt)[0].float()
+        full_tokens = full.generate(prompt, 32, temperature=0, eos_id=None)[0, args.prompt:]
+
+        def decode_row(name, ours, ref, ref_name, compile=None):
             with torch.inference_mode():
-                full_logits = ours(prompt)[0].float()
-            full_tokens = ours.generate(prompt, 32, temperature=0, eos_id=None)[0, args.prompt:]
-            for kind in ("nf4", "int8"):
-                q = Phi.from_pretrained(tmp, dtype=dtype, device=args.device, quantize=kind)
-                with torch.inference_mode():
-                    err = ((q(prompt)[0].float() - full_logits).abs().max() / full_logits.abs().max()).item()
-                tokens = q.generate(prompt, 32, temperature=0, eos_id=None)[0, args.prompt:]
-                first_diff = next((i for i, (a, b) in enumerate(zip(tokens, full_tokens)) if a != b), 32)
-                rate = args.new / timed(lambda: q.generate(prompt, args.new, temperature=0, eos_id=None), 1)
-                quant_rows.append((kind, rate, err, first_diff))
-                del q
+                err = ((ours(prompt)[0].float() - full_logits).abs().max() / full_logits.abs().max()).item()
+            tokens = ours.generate(prompt, 32, temperature=0, eos_id=None)[0, args.prompt:]
+            same = next((i for i, (a, b) in enumerate(zip(tokens, full_tokens)) if a != b), 32)
+            t_ours, t_ref = alternating(ours_decode(ours, compile), ref_decode(ref), args.reps)
+            limit = bandwidth / weight_bytes(ours)
+            decode_rows.append((name, new / t_ours, new / t_ours / limit, ref_name, new / t_ref, err, same))
 
-    with torch.inference_mode():
-        t_ours = timed(lambda: ours(prompt), 5)
-        t_ref = timed(lambda: ref(prompt), 5)
-    rows.append(("prefill tokens/s", args.prompt / t_ours, args.prompt / t_ref))
+        ref = load_ref(torch.float32)
+        decode_row("fp32", full, ref, "fp32")
+        if args.compile:
+            decode_row("fp32, compiled step", full, ref, "fp32", compile="reduce-overhead" if device == "cuda" else "default")
+            full.clear_cache()
+        with torch.inference_mode():
+            t_ours, t_ref = alternating(lambda: full(prompt), lambda: ref(prompt), args.reps + 2)
+        rows.append(("prefill tokens/s (fp32)", args.prompt / t_ours, args.prompt / t_ref))
+        ref_fp32 = ref
 
-    gen = dict(max_new_tokens=args.new)
-    t_ours = timed(lambda: ours.generate(prompt, args.new, temperature=0, eos_id=None), 2)
-    t_ref = timed(lambda: ref.generate(prompt, do_sample=False, min_new_tokens=args.new, pad_token_id=0, **gen), 2)
-    rows.append(("decode tokens/s (batch 1)", args.new / t_ours, args.new / t_ref))
-    if args.compile:
-        mode = "reduce-overhead" if args.device == "cuda" else "default"
-        run = lambda: ours.generate(prompt, args.new, temperature=0, eos_id=None, compile=mode)
-        t_c = timed(run, 2)
-        rows.append(("decode tokens/s, compiled", args.new / t_c, args.new / t_ref))
+        ref = load_ref(torch.bfloat16)
+        decode_row("bf16", Phi.from_pretrained(tmp, dtype=torch.bfloat16, device=device), ref, "bf16")
+        for kind in ("int8", "nf4"):
+            quantized = Phi.from_pretrained(tmp, dtype=torch.bfloat16, device=device, quantize=kind)
+            decode_row(f"{kind} weights, bf16 compute", quantized, ref, "bf16")
+            del quantized
+        del ref
 
-    x = torch.randint(0, 50000, (args.train_batch, args.train_seq + 1), device=args.device)
+    x = torch.randint(0, 50000, (args.train_batch, args.train_seq + 1), device=device)
     tokens = args.train_batch * args.train_seq
 
-    def train_step(model, forward):
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=args.device == "cuda")
+    def train_step(model, forward, autocast):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
         model.train()
 
         def step():
-            with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.device == "cuda"):
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
                 loss = forward(model)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
         return step
 
-    ours.float() if args.device == "cpu" else None
-    ref.float() if args.device == "cpu" else None
-    ours_step = train_step(ours, lambda m: m(x[:, :-1], targets=x[:, 1:])[1])
-    ref_step = train_step(ref, lambda m: m(x[:, :-1], labels=x[:, :-1]).loss)
-    t_ours, t_ref = timed(ours_step, 3), timed(ref_step, 3)
-    rows.append(("training tokens/s", tokens / t_ours, tokens / t_ref))
-    if args.compile:
-        compiled = torch.compile(ours)
-        t_c = timed(train_step(compiled, lambda m: m(x[:, :-1], targets=x[:, 1:])[1]), 3)
-        rows.append(("training tokens/s, compiled", tokens / t_c, tokens / t_ref))
+    ours_loss = lambda m: m(x[:, :-1], targets=x[:, 1:])[1]
+    ref_loss = lambda m: m(x[:, :-1], labels=x[:, :-1]).loss
+    for autocast in (False, True):
+        t_ours, t_ref = alternating(train_step(full, ours_loss, autocast), train_step(ref_fp32, ref_loss, autocast), args.reps)
+        name = "bf16 autocast" if autocast else "fp32"
+        rows.append((f"training tokens/s ({name}, fused AdamW)", tokens / t_ours, tokens / t_ref))
+        if args.compile:
+            t_c, _ = alternating(train_step(torch.compile(full), ours_loss, autocast), None, args.reps)
+            rows.append((f"training tokens/s ({name}), compiled model", tokens / t_c, tokens / t_ref))
 
-    n = sum(p.numel() for p in ours.parameters())
-    dev = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"\nPhi '{args.preset}' x {args.layers} layers ({n / 1e6:.0f}M params), {args.dtype}, {dev}, torch {torch.__version__}\n")
-    print("| measure | omniphi | transformers | ratio |")
+    n = sum(p.numel() for p in full.parameters())
+    dev = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"\nPhi '{args.preset}' x {args.layers} layers ({n / 1e6:.0f}M params), {dev}, torch {torch.__version__}; "
+          f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; prompt {args.prompt}, {new} new tokens\n")
+    print("| decode, batch 1 | omniphi tokens/s | of bandwidth limit | transformers tokens/s | ratio "
+          "| max logit error vs fp32 | greedy tokens equal to fp32 |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, rate, of_limit, ref_name, ref_rate, err, same in decode_rows:
+        print(f"| {name} | {rate:,.1f} | {of_limit:.0%} | {ref_rate:,.1f} ({ref_name}) | {rate / ref_rate:.2f}x "
+              f"| {err:.3f} | first {same} of 32 |")
+    print("\n| measure | omniphi | transformers | ratio |")
     print("|---|---:|---:|---:|")
     for name, a, b in rows:
         print(f"| {name} | {a:,.1f} | {b:,.1f} | {a / b:.2f}x |")
-    if quant_rows:
-        print("\n| weight-only quantization | decode tokens/s | max logit error (relative) | greedy tokens equal to full precision |")
-        print("|---|---:|---:|---:|")
-        for kind, rate, err, same in quant_rows:
-            print(f"| {kind} | {rate:,.1f} | {err:.3f} | first {same} of 32 |")
 
 
 if __name__ == "__main__":

@@ -104,6 +104,28 @@ def test_int8_error_is_small():
     assert q.weight_int8.dtype == torch.int8 and q.weight_int8.abs().max() == 127
 
 
+def test_int8_decodes_with_the_fused_kernel_on_cpu_in_bf16(monkeypatch):
+    # up to 32 rows of bf16 without grad take torch's int8 x bf16 kernel; more rows, fp32 or grad dequantize
+    calls = []
+    kernel = torch._weight_int8pack_mm
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda *a: calls.append(a[0].shape) or kernel(*a))
+    torch.manual_seed(0)
+    q = quantize_linear(nn.Linear(256, 96), "int8")
+    w = q.dequantized_weight(torch.float32)
+    for shape, fused in (((1, 1, 256), True), ((4, 8, 256), True), ((33, 256), False)):
+        calls.clear()
+        x = torch.randn(shape).bfloat16()
+        with torch.no_grad():
+            y = q(x)
+        assert calls == ([(x.numel() // 256, 256)] if fused else [])
+        assert y.shape == (*shape[:-1], 96) and y.dtype == torch.bfloat16
+        assert relative_error(y.float(), x.float() @ w.T + q.bias) < 0.01  # bf16 rounding of the output
+    calls.clear()
+    q(torch.randn(1, 256))  # fp32
+    q(torch.randn(1, 256).bfloat16().requires_grad_())
+    assert calls == []
+
+
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
 def test_quantized_linear_forward_backward_dtype_and_device(kind):
     torch.manual_seed(0)
