@@ -78,6 +78,17 @@ def main():
         rows.append((measure, value, note))
         results[measure] = value
         print(f"{measure}: {value} {note}", flush=True)
+        write()
+
+    def write():  # after every row, so a run cut short by its time limit still leaves what it measured
+        table = [f"Phi-2-size random weights ({results['preset']}), {name}, torch {torch.__version__}", "",
+                 "| measure | value | note |", "|---|---:|---|"]
+        table += [f"| {m} | {v} | {n} |" for m, v, n in rows]
+        with open(os.path.join(args.out, "gpu_bench.md"), "w") as f:
+            f.write("\n".join(table) + "\n")
+        with open(os.path.join(args.out, "gpu_bench.json"), "w") as f:
+            json.dump(results, f, indent=2)
+        return table
 
     bandwidth = copy_bandwidth(device, (64 if args.smoke else 2048) << 20)
     row("copy bandwidth GB/s", round(bandwidth / 1e9, 1))
@@ -166,14 +177,7 @@ def main():
         row("QLoRA peak GPU memory GiB", None if peak_mem is None else round(peak_mem, 2),
             f"NF4 base, r=64 on all block linears, seq {train_seq}, gradient checkpointing")
 
-    table = [f"Phi-2-size random weights ({results['preset']}), {name}, torch {torch.__version__}", "",
-             "| measure | value | note |", "|---|---:|---|"]
-    table += [f"| {m} | {v} | {n} |" for m, v, n in rows]
-    print("\n" + "\n".join(table))
-    with open(os.path.join(args.out, "gpu_bench.md"), "w") as f:
-        f.write("\n".join(table) + "\n")
-    with open(os.path.join(args.out, "gpu_bench.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    print("\n" + "\n".join(write()))
 
 
 if __name__ == "__main__":
