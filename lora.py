@@ -41,16 +41,20 @@ class LoRAConfig:
 
 class DequantizedMatmul(torch.autograd.Function):
     """x @ W.T with W rebuilt from its quantized form in forward and again in backward, so no dequantized
-    copy stays alive between them (W is frozen: it gets no gradient)."""
+    copy stays alive between them (W is frozen: it gets no gradient). W = weight * scale[:, None] where the
+    layer has a per-row scale, which then multiplies the output instead of every weight."""
 
     @staticmethod
     def forward(ctx, x, quantized_linear):
         ctx.quantized_linear = quantized_linear
-        return F.linear(x, quantized_linear.dequantized_weight(x.dtype))
+        weight, scale = quantized_linear.weight_and_scale(x.dtype)
+        out = F.linear(x, weight)
+        return out if scale is None else out * scale
 
     @staticmethod
     def backward(ctx, grad_out):
-        return grad_out @ ctx.quantized_linear.dequantized_weight(grad_out.dtype), None
+        weight, scale = ctx.quantized_linear.weight_and_scale(grad_out.dtype)
+        return (grad_out if scale is None else grad_out * scale) @ weight, None
 
 
 class QuantizedLinear(nn.Module):
@@ -74,6 +78,9 @@ class QuantizedLinear(nn.Module):
 
     def dequantized_weight(self, dtype=None):
         raise NotImplementedError
+
+    def weight_and_scale(self, dtype):
+        return self.dequantized_weight(dtype), None
 
     @property
     def nbytes(self):
@@ -158,6 +165,9 @@ class Int8Linear(QuantizedLinear):
 
     def dequantized_weight(self, dtype=None):
         return (self.weight_int8.float() * self.weight_scale[:, None]).to(dtype or self.compute_dtype)
+
+    def weight_and_scale(self, dtype):
+        return self.weight_int8.to(dtype), self.weight_scale.to(dtype)  # -127..127 are exact in bf16 and fp16
 
 
 def quantize_linear(linear, kind, compute_dtype=None):
