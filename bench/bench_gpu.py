@@ -1,7 +1,7 @@
 """
 GPU benchmark for a Phi-2-size model with random weights (run by bench/gpu.sh; --smoke runs it tiny on a CPU).
 
-Decode tokens/s at batch 1 (bf16 eager and compiled, NF4, int8) next to the memory-bandwidth limit
+Decode tokens/s at batch 1 (bf16 eager and compiled, NF4, int8 eager and compiled) next to the memory-bandwidth limit
 (weight bytes / measured copy bandwidth) and transformers on the same weights; prefill tokens/s;
 training MFU (bf16, seq 2048); QLoRA peak GPU memory. Writes a markdown table and JSON to --out.
 """
@@ -176,6 +176,15 @@ def main():
         peak_mem = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
         row("QLoRA peak GPU memory GiB", None if peak_mem is None else round(peak_mem, 2),
             f"NF4 base, r=64 on all block linears, seq {train_seq}, gradient checkpointing")
+        del model, opt, loss
+        gc.collect()
+        torch.cuda.empty_cache() if device == "cuda" else None
+
+    if "compile" not in skip and "int8" not in skip:  # last: it only adds to the rows above
+        q = Phi.from_pretrained(ckpt, dtype=dtype, device=device, quantize="int8")
+        mode = "reduce-overhead" if device == "cuda" else "default"
+        rate = decode_rate(q, prompt, new, compile=mode)
+        row("int8 decode tok/s, compiled", round(rate, 1), f"limit {bandwidth / weight_bytes(q):.0f} tok/s ({mode})")
 
     print("\n" + "\n".join(write()))
 
