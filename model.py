@@ -293,7 +293,9 @@ class Phi(nn.Module):
         """Yields the next token of every sequence, (B,), until max_new_tokens or all have produced eos_id.
         Prompts of different lengths are left-padded with attention_mask marking the real tokens.
         Finished sequences keep yielding eos_id. compile=None decodes eagerly; compile="default" (or
-        "reduce-overhead", "max-autotune") uses a compiled step over a context-sized cache kept between calls."""
+        "reduce-overhead", "max-autotune") uses a compiled step over a cache kept between calls, sized to a power
+        of two (at least 256, at most the context), so a few graphs serve every length and attention reads
+        no more than twice the slots in use."""
         prompt = idx if inputs_embeds is None else inputs_embeds
         if prompt is None:
             raise ValueError("pass idx or inputs_embeds")
@@ -309,7 +311,9 @@ class Phi(nn.Module):
         mask = torch.ones(B, T, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool().to(device)
         if not mask.any(-1).all():
             raise ValueError("a prompt in the batch is entirely padding")
-        cache_len = self.config.max_position_embeddings if compile else T + max_new_tokens
+        cache_len = T + max_new_tokens
+        if compile:
+            cache_len = min(self.config.max_position_embeddings, max(256, 1 << (cache_len - 1).bit_length()))
         key_mask = torch.zeros(B, cache_len, dtype=torch.bool, device=device)
         key_mask[:, :T] = mask
         position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)

@@ -89,10 +89,11 @@ def main():
             limit = bandwidth / weight_bytes(ours)
             decode_rows.append((name, new / t_ours, new / t_ours / limit, ref_name, new / t_ref, err, same))
 
+        mode = "reduce-overhead" if device == "cuda" else "default"
         ref = load_ref(torch.float32)
         decode_row("fp32", full, ref, "fp32")
         if args.compile:
-            decode_row("fp32, compiled step", full, ref, "fp32", compile="reduce-overhead" if device == "cuda" else "default")
+            decode_row("fp32, compiled step", full, ref, "fp32", compile=mode)
             full.clear_cache()
         with torch.inference_mode():
             t_ours, t_ref = alternating(lambda: full(prompt), lambda: ref(prompt), args.reps + 2)
@@ -100,11 +101,13 @@ def main():
         ref_fp32 = ref
 
         ref = load_ref(torch.bfloat16)
-        decode_row("bf16", Phi.from_pretrained(tmp, dtype=torch.bfloat16, device=device), ref, "bf16")
-        for kind in ("int8", "nf4"):
-            quantized = Phi.from_pretrained(tmp, dtype=torch.bfloat16, device=device, quantize=kind)
-            decode_row(f"{kind} weights, bf16 compute", quantized, ref, "bf16")
-            del quantized
+        for kind in (None, "int8", "nf4"):
+            model = Phi.from_pretrained(tmp, dtype=torch.bfloat16, device=device, quantize=kind)
+            name = f"{kind} weights, bf16 compute" if kind else "bf16"
+            decode_row(name, model, ref, "bf16")
+            if args.compile and kind != "nf4":
+                decode_row(f"{name}, compiled step", model, ref, "bf16", compile=mode)
+            del model
         del ref
 
     x = torch.randint(0, 50000, (args.train_batch, args.train_seq + 1), device=device)

@@ -279,6 +279,18 @@ def test_compiled_decode_is_one_graph_with_identical_tokens(checkpoint, monkeypa
         assert torch.equal(ours.generate(idx, 12, temperature=0, eos_id=None, attention_mask=mask, compile="default"), eager)
 
 
+def test_compiled_decode_cache_is_a_power_of_two_of_slots(monkeypatch):
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, mode=None, **kw: real_compile(fn, backend="eager", **kw))
+    torch.manual_seed(0)
+    ours = Phi(PhiConfig.from_preset("tiny", vocab_size=300, max_position_embeddings=1024)).eval()
+    for prompt, new, slots in ((7, 12, 256), (250, 10, 512), (600, 300, 1024)):
+        idx = torch.randint(0, 300, (1, prompt))
+        eager = ours.generate(idx, new, temperature=0, eos_id=None)
+        assert torch.equal(ours.generate(idx, new, temperature=0, eos_id=None, compile="default"), eager)
+        assert ours.model.layers[0].self_attn.kv_cache.k.shape[2] == slots
+
+
 def test_plain_forward_ignores_a_kept_cache(checkpoint, monkeypatch):
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, mode=None, **kw: real_compile(fn, backend="eager", **kw))
@@ -287,5 +299,5 @@ def test_plain_forward_ignores_a_kept_cache(checkpoint, monkeypatch):
     idx = torch.randint(0, 512, (2, 9))
     with torch.no_grad():
         before = ours(idx)[0]
-        ours.generate(idx, 3, temperature=0, eos_id=None, compile="default")  # keeps its context-sized cache
+        ours.generate(idx, 3, temperature=0, eos_id=None, compile="default")  # keeps its cache
         assert torch.equal(ours(idx)[0], before)
