@@ -258,8 +258,8 @@ def gather_objects(obj, d):
 # ---- optimization -----------------------------------------------------------------------------------------------
 
 
-def configure_optimizer(model, lr, weight_decay, betas, device_type):
-    """AdamW with weight decay on weight matrices only: not on biases, LayerNorms or embedding tables."""
+def configure_optimizer(model, lr, weight_decay, betas):
+    """Fused AdamW with weight decay on weight matrices only: not on biases, LayerNorms or embedding tables."""
     decay, no_decay = [], []
     for module in model.modules():
         for p in module.parameters(recurse=False):
@@ -651,7 +651,7 @@ def run(cfg, d):
     else:
         model.to(d.device)
     raw_model = model
-    optimizer = configure_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), d.device.type)
+    optimizer = configure_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
     if cfg.compile:
         model = torch.compile(model)
     if d.world > 1 and not cfg.fsdp:

@@ -249,7 +249,7 @@ def test_batches_are_a_function_of_seed_and_iteration(data_dir):
 
 def test_optimizer_groups_and_schedule():
     model = Phi(PhiConfig.from_preset("tiny"))
-    opt = train_lm.configure_optimizer(model, 1e-3, 0.1, (0.9, 0.95), "cpu")
+    opt = train_lm.configure_optimizer(model, 1e-3, 0.1, (0.9, 0.95))
     decayed = {id(p) for p in opt.param_groups[0]["params"]}
     names = {n for n, p in model.named_parameters() if id(p) in decayed}
     assert opt.param_groups[0]["weight_decay"] == 0.1 and opt.param_groups[1]["weight_decay"] == 0.0
