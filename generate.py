@@ -24,8 +24,10 @@ from train_lm import parse_config
 
 
 class ChatModel:
-    def __init__(self, lm, *, mm=None, device="cpu", dtype=None, quantize=None, whisper=None):
+    def __init__(self, lm, *, mm=None, device="cpu", dtype=None, quantize=None, whisper=None, compile=False):
         self.device, self.whisper = device, whisper
+        # compiled decoding: a graph per cache size (the first reply of each size waits for it), CUDA graphs on GPU
+        self.compile = ("reduce-overhead" if str(device).startswith("cuda") else "default") if compile else None
         self.tokenizer = Tokenizer()
         self.vision = self.projector = self.mm_config = None
         if mm is not None:
@@ -39,6 +41,8 @@ class ChatModel:
         self.model = Phi.from_pretrained(lm, dtype=dtype, device=device, quantize=quantize)
         if self.mm_config is not None:
             self._load_multimodal(mm, dtype, quantize)
+        if self.compile:
+            self.model.compiled_decode_step(self.compile)  # refuses what it cannot compile now, not at the first reply
         self.lock = threading.Lock()  # one generation at a time on the model
 
     def _load_multimodal(self, mm, dtype, quantize):
@@ -104,7 +108,7 @@ class ChatModel:
             sent = 0
             for token in self.model.generate_stream(inputs_embeds=x, max_new_tokens=max_tokens, temperature=temperature,
                                                     top_p=top_p, top_k=top_k, eos_id=self.tokenizer.eos_id,
-                                                    generator=generator):
+                                                    generator=generator, compile=self.compile):
                 token = int(token[0])
                 n_new += 1
                 if token == self.tokenizer.eos_id:
@@ -160,6 +164,7 @@ class GenerateConfig:
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     dtype: str = "bfloat16" if torch.cuda.is_available() else "float32"
     quantize: str = ""         # "", "nf4" or "int8" weight-only quantization of the block linears
+    compile: bool = False      # decode with the torch.compile'd step (compiling takes a while, then decodes faster)
 
 
 def main(argv):
@@ -168,14 +173,15 @@ def main(argv):
         raise SystemExit("nothing to answer: pass --prompt=... and/or --audio=PATH")
     torch.manual_seed(cfg.seed)
     chat = ChatModel(cfg.model or None, mm=cfg.mm or None, device=cfg.device, dtype=cfg.dtype,
-                     quantize=cfg.quantize or None, whisper=cfg.whisper or None)
+                     quantize=cfg.quantize or None, whisper=cfg.whisper or None, compile=cfg.compile)
     options = dict(temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p if cfg.top_p < 1 else None)
     if cfg.raw:
         tok = chat.tokenizer
         ids = torch.tensor([tok.encode(cfg.prompt, allow_special=False)], device=cfg.device)
         decoder = StreamDecoder(tok)
         print(cfg.prompt, end="", flush=True)
-        for token in chat.model.generate_stream(ids, min(cfg.max_new_tokens, chat.context - ids.shape[1]), **options):
+        for token in chat.model.generate_stream(ids, min(cfg.max_new_tokens, chat.context - ids.shape[1]),
+                                                compile=chat.compile, **options):
             if int(token[0]) == tok.eos_id:
                 break
             print(decoder.push(token[0]), end="", flush=True)

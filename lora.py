@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model import Linear, multiply_sum, multiply_sum_is_faster
+
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2")
 KEEP_EXACT = ("lm_head",)  # adapted only when named in the targets, and never quantized
 PEFT_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> PhiForCausalLM
@@ -151,6 +153,9 @@ class Int8Linear(QuantizedLinear):
         self.register_buffer("weight_scale_bf16", scale.bfloat16(), persistent=False)  # the decode kernel's
 
     def forward(self, x):
+        if multiply_sum_is_faster(x):  # reads the int8 weight once, converting as it goes
+            out = multiply_sum(x, self.weight_int8) * self.weight_scale.to(x.dtype)
+            return out if self.bias is None else out + self.bias.to(x.dtype)
         # decoding on a CPU in bf16: torch's fused int8 x bf16 kernel reads a quarter of fp32's bytes, where
         # dequantizing first would write and read the whole weight again; prefill and training dequantize.
         # The kernel crashed on widths that are not multiples of 16 (torch 2.13), hence the shape rule.
@@ -207,7 +212,7 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merged(self):
-        """A plain nn.Linear holding W + scaling * B @ A, in the base's dtype (a quantized base is dequantized
+        """A plain Linear holding W + scaling * B @ A, in the base's dtype (a quantized base is dequantized
         to its compute dtype first, so the result is full size)."""
         base = self.base_layer
         if isinstance(base, QuantizedLinear):
@@ -215,7 +220,7 @@ class LoRALinear(nn.Module):
         else:
             dtype, w = base.weight.dtype, base.weight.float()
         w = w + (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
-        linear = nn.Linear(self.in_features, self.out_features, bias=base.bias is not None, device="meta")
+        linear = Linear(self.in_features, self.out_features, bias=base.bias is not None, device="meta")
         linear.weight = nn.Parameter(w.to(dtype), requires_grad=False)
         if base.bias is not None:
             linear.bias = nn.Parameter(base.bias.detach().clone(), requires_grad=False)

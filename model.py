@@ -93,6 +93,41 @@ PRESETS = {
 }
 
 
+@torch.library.custom_op("omniphi::materialize", mutates_args=())
+def materialize(x: torch.Tensor) -> torch.Tensor:
+    """A copy that torch.compile cannot fuse into its consumer (the function is opaque to inductor)."""
+    return x.clone()
+
+
+@materialize.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+def multiply_sum_is_faster(x):
+    """True inside torch.compile, on a CPU, without autograd, for at most 4 rows: the compiled decode step.
+    There x @ W.T written as (W * x).sum(-1) becomes one vectorised pass over W that reads memory faster
+    than BLAS's matrix-vector kernel (bench/bench_lm.py)."""
+    return torch.compiler.is_compiling() and x.device.type == "cpu" and not torch.is_grad_enabled() \
+        and x.shape[:-1].numel() <= 4
+
+
+def multiply_sum(x, weight):
+    """x @ weight.T as a multiply and a sum. x is materialized first: fused in, whatever computed x (a LayerNorm,
+    a GELU) would be recomputed for every weight element."""
+    return (weight * materialize(x).unsqueeze(-2)).sum(-1)
+
+
+class Linear(nn.Linear):
+    """nn.Linear that takes the multiply-and-sum form where that is faster."""
+
+    def forward(self, x):
+        if multiply_sum_is_faster(x):
+            out = multiply_sum(x, self.weight)
+            return out if self.bias is None else out + self.bias
+        return F.linear(x, self.weight, self.bias)
+
+
 class KVCache(nn.Module):
     """Preallocated keys and values; written at explicit slots so shapes never change while decoding."""
 
@@ -120,10 +155,10 @@ class PhiAttention(nn.Module):
         super().__init__()
         self.config = config
         self.n_head, self.n_kv_head, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-        self.q_proj = nn.Linear(config.hidden_size, self.n_head * self.head_dim)
-        self.k_proj = nn.Linear(config.hidden_size, self.n_kv_head * self.head_dim)
-        self.v_proj = nn.Linear(config.hidden_size, self.n_kv_head * self.head_dim)
-        self.dense = nn.Linear(self.n_head * self.head_dim, config.hidden_size)
+        self.q_proj = Linear(config.hidden_size, self.n_head * self.head_dim)
+        self.k_proj = Linear(config.hidden_size, self.n_kv_head * self.head_dim)
+        self.v_proj = Linear(config.hidden_size, self.n_kv_head * self.head_dim)
+        self.dense = Linear(self.n_head * self.head_dim, config.hidden_size)
         self.kv_cache = None
 
     def forward(self, x, cos, sin, mask, cache_slots=None):
@@ -145,8 +180,8 @@ class PhiAttention(nn.Module):
 class PhiMLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.fc1 = Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
@@ -181,7 +216,7 @@ class Phi(nn.Module):
         super().__init__()
         self.config = config
         self.model = PhiModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size)
         self._init_rope()
         if self.lm_head.weight.device.type != "meta":
             self.apply(self._init_weights)
@@ -275,9 +310,12 @@ class Phi(nn.Module):
         for block in self.model.layers:
             block.self_attn.kv_cache = None
 
-    def compiled_decode_step(self, mode=None):
+    def compiled_decode_step(self, mode="default"):
         """decode_step under torch.compile (one graph: shapes are static because the cache is preallocated).
         mode="reduce-overhead" adds CUDA graphs on GPU."""
+        if any(getattr(m, "kind", None) == "nf4" for m in self.modules()):
+            raise ValueError("compiled decoding does not support NF4 weights (bitsandbytes' kernels break the graph); "
+                             "use int8 or no quantization")
         if getattr(self, "_compiled", None) is None or self._compiled[0] != mode:
             self._compiled = (mode, torch.compile(self.decode_step, fullgraph=True, dynamic=False, mode=mode))
         return self._compiled[1]
@@ -317,7 +355,7 @@ class Phi(nn.Module):
         key_mask = torch.zeros(B, cache_len, dtype=torch.bool, device=device)
         key_mask[:, :T] = mask
         position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        decode_step = self.compiled_decode_step(None if compile == "default" else compile) if compile else self.decode_step
+        decode_step = self.compiled_decode_step(compile) if compile else self.decode_step
         self.setup_cache(B, cache_len)
         try:
             h = self.hidden_states(idx, inputs_embeds=inputs_embeds, position_ids=position_ids,

@@ -67,6 +67,7 @@ class ServeConfig:
     device: str = ""             # default: cuda if available, else cpu
     dtype: str = ""              # default: bfloat16 on cuda, float32 on cpu
     quantize: str = ""           # "", "nf4" or "int8"
+    compile: bool = False        # decode with the torch.compile'd step (compiling takes a while, then decodes faster)
     api_key: str = ""            # require "Authorization: Bearer KEY" on /v1/* (required off loopback)
     allow_remote_images: bool = False  # fetch http(s) image URLs (off: only data: URIs are accepted)
     max_queue: int = 8           # requests generating or waiting for the model; more get 429
@@ -604,7 +605,7 @@ def main(argv):
           file=sys.stderr)
     try:
         chat = ChatModel(cfg.model or None, mm=cfg.mm or None, device=device, dtype=dtype,
-                         quantize=cfg.quantize or None, whisper=cfg.whisper or None)
+                         quantize=cfg.quantize or None, whisper=cfg.whisper or None, compile=cfg.compile)
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"error: {err}")
     app = create_app(chat, cfg)

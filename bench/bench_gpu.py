@@ -52,8 +52,12 @@ def weight_bytes(model):
 
 
 def decode_rate(model, prompt, new, compile=None):
-    run = lambda: model.generate(prompt, new, temperature=0, eos_id=None, compile=compile)
-    return new / timed(run, 2)
+    """Tokens/s of decoding alone: (time for 1 + new tokens - time for the first) / new."""
+    return rate_without_prefill(lambda n: model.generate(prompt, n, temperature=0, eos_id=None, compile=compile), new)
+
+
+def rate_without_prefill(generate, new):
+    return new / (timed(lambda: generate(1 + new), 2) - timed(lambda: generate(1), 2))
 
 
 def main():
@@ -118,8 +122,9 @@ def main():
     if "hf" not in skip:
         from transformers import PhiForCausalLM
         ref = PhiForCausalLM.from_pretrained(ckpt, dtype=dtype, attn_implementation="sdpa").to(device).eval()
-        t = timed(lambda: ref.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0), 2)
-        row("transformers decode tok/s", round(new / t, 1), "bf16, sdpa, eager")
+        rate = rate_without_prefill(lambda n: ref.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                                           pad_token_id=0), new)
+        row("transformers decode tok/s", round(rate, 1), "bf16, sdpa, eager")
         del ref
     del model
     gc.collect()

@@ -13,7 +13,7 @@ from transformers import PhiForCausalLM
 
 from lora import (Int8Linear, LoRALinear, NF4Linear, QuantizedLinear, apply_lora, load_adapter, lora_parameters,
                   make_optimizer, merge_lora, quantize_linear, save_adapter)
-from model import Phi
+from model import Linear, Phi
 
 VOCAB = 256
 
@@ -126,6 +126,21 @@ def test_int8_decodes_with_the_fused_kernel_on_cpu_in_bf16(monkeypatch):
     assert calls == []
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_multiplies_and_sums_in_the_compiled_cpu_decode_step(dtype):
+    torch.manual_seed(0)
+    q = quantize_linear(nn.Linear(256, 96), "int8")
+    w = q.dequantized_weight(torch.float32)
+    graphs = []
+    step = torch.compile(q, backend=lambda gm, example_inputs: graphs.append(gm) or gm.forward, dynamic=False)
+    x = torch.randn(1, 1, 256).to(dtype)
+    with torch.no_grad():
+        y = step(x)
+    assert [n.target for n in graphs[0].graph.nodes].count(torch.ops.omniphi.materialize.default) == 1
+    assert y.dtype == dtype
+    assert relative_error(y.float(), x.float() @ w.T + q.bias) < (1e-6 if dtype == torch.float32 else 0.01)
+
+
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
 def test_quantized_linear_forward_backward_dtype_and_device(kind):
     torch.manual_seed(0)
@@ -172,7 +187,7 @@ def test_from_pretrained_quantized(checkpoint, kind):
                 dequantized.model.layers[i].get_submodule(name).weight.copy_(q.dequantized_weight())
                 noise = torch.randn_like(w)
                 noisy.model.layers[i].get_submodule(name).weight.add_(noise * relative_error(q.dequantized_weight(), w) * w.norm() / noise.norm())
-    assert type(quantized.lm_head) is nn.Linear and type(quantized.model.embed_tokens) is nn.Embedding
+    assert type(quantized.lm_head) is Linear and type(quantized.model.embed_tokens) is nn.Embedding
     idx = torch.randint(0, VOCAB, (2, 24))
     expected, got = logits_of(full, idx), logits_of(quantized, idx)
     assert (got - logits_of(dequantized, idx)).abs().max() <= 1e-4  # exactly the model with dequantized weights
@@ -241,7 +256,7 @@ def test_peft_adapter_loads_here(checkpoint, tmp_path):
     qlora = load_adapter(Phi.from_pretrained(checkpoint), tmp_path, quantize="nf4")  # quantize passthrough
     assert isinstance(qlora.model.layers[0].self_attn.q_proj.base_layer, NF4Linear)
     assert isinstance(qlora.model.layers[0].self_attn.k_proj, nn.Linear)
-    assert type(qlora.lm_head.base_layer) is nn.Linear  # the output head is adapted but never quantized
+    assert type(qlora.lm_head.base_layer) is Linear  # the output head is adapted but never quantized
     assert torch.equal(qlora.model.layers[1].mlp.fc2.lora_B.weight, model.model.layers[1].mlp.fc2.lora_B.weight)
 
 
@@ -344,7 +359,7 @@ def test_bad_input(checkpoint, tmp_path):
         quantize_linear(nn.Linear(4, 4), "fp8")
     assert not any(isinstance(m, LoRALinear) for m in model.modules())  # failed calls changed nothing
     apply_lora(model, r=4, alpha=8)
-    assert type(model.lm_head) is nn.Linear and not model.lm_head.weight.requires_grad
+    assert type(model.lm_head) is Linear and not model.lm_head.weight.requires_grad
     with pytest.raises(ValueError, match="already has LoRA"):
         apply_lora(model, r=4, alpha=8)
     with pytest.raises(FileNotFoundError, match="does not exist"):

@@ -4,10 +4,11 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import PhiConfig as HFPhiConfig
 from transformers import PhiForCausalLM
 
-from model import Phi, PhiConfig, sample
+from model import Linear, Phi, PhiConfig, sample
 
 CONFIGS = {
     "phi2_proportions": dict(hidden_size=160, num_attention_heads=2, partial_rotary_factor=0.4),  # head_dim 80, rotary 32
@@ -277,6 +278,53 @@ def test_compiled_decode_is_one_graph_with_identical_tokens(checkpoint, monkeypa
     eager = ours.generate(idx, 12, temperature=0, eos_id=None, attention_mask=mask)
     for _ in range(2):  # the second call reuses the cache and the graph
         assert torch.equal(ours.generate(idx, 12, temperature=0, eos_id=None, attention_mask=mask, compile="default"), eager)
+
+
+def graphs_seen_by(monkeypatch, backend):
+    """Patch torch.compile to record every graph it is handed, then compile it with backend."""
+    graphs, real_compile = [], torch.compile
+
+    def recording(gm, example_inputs):
+        graphs.append(gm)
+        return backend(gm, example_inputs)
+    monkeypatch.setattr(torch, "compile", lambda fn, mode=None, **kw: real_compile(fn, backend=recording, **kw))
+    return graphs
+
+
+def materializations(graphs):
+    return sum(n.target is torch.ops.omniphi.materialize.default for gm in graphs for n in gm.graph.nodes)
+
+
+def test_compiled_cpu_decode_step_multiplies_and_sums_under_inductor(monkeypatch):
+    """Inductor itself: every linear of the step becomes a multiply-and-sum over its weight, and greedy tokens
+    stay those of eager decoding."""
+    from torch._inductor.compile_fx import compile_fx
+    graphs = graphs_seen_by(monkeypatch, compile_fx)
+    torch.manual_seed(0)
+    ours = Phi(PhiConfig.from_preset("tiny", vocab_size=300)).eval()
+    idx = torch.randint(0, 300, (1, 7))
+    eager = ours.generate(idx, 12, temperature=0, eos_id=None)
+    assert torch.equal(ours.generate(idx, 12, temperature=0, eos_id=None, compile="default"), eager)
+    assert materializations(graphs) == sum(isinstance(m, Linear) for m in ours.modules())
+
+
+def test_linear_multiplies_and_sums_only_for_a_few_rows_without_grad(monkeypatch):
+    graphs = graphs_seen_by(monkeypatch, lambda gm, example_inputs: gm.forward)
+    torch.manual_seed(0)
+    linear = Linear(64, 48)
+    step = torch.compile(linear, dynamic=False)
+    for shape, grad, taken in (((1, 1, 64), False, True), ((4, 64), False, True), ((5, 64), False, False),
+                               ((1, 64), True, False)):
+        graphs.clear()
+        x = torch.randn(shape)
+        with torch.set_grad_enabled(grad):
+            y = step(x)
+        assert materializations(graphs) == taken
+        torch.testing.assert_close(y, F.linear(x, linear.weight, linear.bias))
+    graphs.clear()
+    with torch.no_grad():
+        linear(torch.randn(1, 64))  # eager: BLAS
+    assert graphs == []
 
 
 def test_compiled_decode_cache_is_a_power_of_two_of_slots(monkeypatch):

@@ -492,6 +492,19 @@ def test_api_key_is_required_when_set(chat):
     assert client.get("/health").json["auth"] is True and client.get("/").status_code == 200
 
 
+def test_compiled_decoding_gives_the_same_answers(lm_dir, chat, monkeypatch):
+    real_compile = torch.compile  # the eager backend keeps it fast; tests/test_model.py runs inductor
+    monkeypatch.setattr(torch, "compile", lambda fn, mode=None, **kw: real_compile(fn, backend="eager", **kw))
+    from generate import ChatModel
+    compiled = ChatModel(str(lm_dir), compile=True)
+    assert compiled.compile == "default"
+    messages = [{"role": "user", "content": "Name a colour."}]
+    for options in (dict(temperature=0), dict(temperature=0.8, seed=3)):
+        assert compiled.reply(messages, max_tokens=9, **options) == chat.reply(messages, max_tokens=9, **options)
+    with pytest.raises(ValueError, match="NF4"):
+        ChatModel(str(lm_dir), compile=True, quantize="nf4")
+
+
 def test_startup_rules(lm_dir, tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="api_key"):
         serve.resolve_defaults(ServeConfig(model=str(lm_dir), host="0.0.0.0"))

@@ -19,7 +19,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import train_mm
-from model import Phi, PhiConfig
+from model import Linear, Phi, PhiConfig
 from tokenizer import IMAGE_TOKEN_ID, Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -266,7 +266,7 @@ def test_align_lora_with_the_output_head_and_a_waiting_tower(dataset, tmp_path):
                                f"--init={tmp_path / '1e-2' / 'ckpt'}", f"--out_dir={tmp_path / 'instruct'}"])
     from generate import ChatModel
     chat = ChatModel(None, mm=tmp_path / "instruct" / "ckpt")
-    assert type(chat.model.lm_head) is torch.nn.Linear  # the adapted head was merged like the rest
+    assert type(chat.model.lm_head) is Linear  # the adapted head was merged like the rest
     assert isinstance(chat.reply([{"role": "user", "content": "hi"}], temperature=0, max_tokens=2), str)
 
 
