@@ -154,8 +154,8 @@ class Int8Linear(QuantizedLinear):
 
     def forward(self, x):
         if multiply_sum_is_faster(x):  # reads the int8 weight once, converting as it goes
-            out = multiply_sum(x, self.weight_int8) * self.weight_scale.to(x.dtype)
-            return out if self.bias is None else out + self.bias.to(x.dtype)
+            out = multiply_sum(x, self.weight_int8) * self.weight_scale
+            return (out if self.bias is None else out + self.bias).to(x.dtype)
         # decoding on a CPU in bf16: torch's fused int8 x bf16 kernel reads a quarter of fp32's bytes, where
         # dequantizing first would write and read the whole weight again; prefill and training dequantize.
         # The kernel crashed on widths that are not multiples of 16 (torch 2.13), hence the shape rule.

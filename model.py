@@ -113,9 +113,10 @@ def multiply_sum_is_faster(x):
 
 
 def multiply_sum(x, weight):
-    """x @ weight.T as a multiply and a sum. x is materialized first: fused in, whatever computed x (a LayerNorm,
-    a GELU) would be recomputed for every weight element."""
-    return (weight * materialize(x).unsqueeze(-2)).sum(-1)
+    """x @ weight.T in fp32 as a multiply and a sum. x is materialized first (in fp32, so it is not converted
+    again for every row): fused in, whatever computed x (a LayerNorm, a GELU) would be recomputed for every weight
+    element."""
+    return (weight * materialize(x.float()).unsqueeze(-2)).sum(-1)
 
 
 class Linear(nn.Linear):
@@ -124,7 +125,7 @@ class Linear(nn.Linear):
     def forward(self, x):
         if multiply_sum_is_faster(x):
             out = multiply_sum(x, self.weight)
-            return out if self.bias is None else out + self.bias
+            return (out if self.bias is None else out + self.bias).to(x.dtype)
         return F.linear(x, self.weight, self.bias)
 
 
