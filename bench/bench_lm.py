@@ -2,7 +2,8 @@
 Benchmark: our Phi against transformers.PhiForCausalLM on the same random weights, in one run.
 Decode tokens/s at batch 1 (greedy, prefill excluded) in fp32, bf16 and weight-only int8 / NF4, each next to the
 memory-bandwidth limit (weight bytes / measured copy bandwidth); prefill tokens/s; training tokens/s in fp32 and
-under bf16 autocast (forward + backward + fused AdamW, the optimizer of train_lm.py and of transformers' Trainer).
+under bf16 autocast (forward + backward + fused AdamW, the optimizer of train_lm.py and of transformers' Trainer),
+each as a share of the FLOP/s one large matrix multiply reaches in that precision on this machine.
 Each ratio comes from alternating runs of the two models (the median of each), so load on a shared machine hits
 both alike.
 
@@ -32,6 +33,12 @@ def seconds(fn):
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return time.perf_counter() - t0
+
+
+def matmul_rate(device, dtype, n=2048):
+    """FLOP/s of one large square matrix multiply: the ceiling a training step's matrix multiplies can reach."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    return 2 * n ** 3 / min(alternating([lambda: a @ b], 5))
 
 
 def alternating(fns, reps):
@@ -100,7 +107,7 @@ def main():
             full.clear_cache()
         with torch.inference_mode():
             t_ours, t_ref = alternating([lambda: full(prompt), lambda: ref(prompt)], args.reps + 2)
-        rows.append(("prefill tokens/s (fp32)", args.prompt / t_ours, args.prompt / t_ref))
+        rows.append(("prefill tokens/s (fp32)", args.prompt / t_ours, args.prompt / t_ref, ""))
         ref_fp32 = ref
 
         ref = load_ref(torch.bfloat16)
@@ -130,14 +137,19 @@ def main():
 
     ours_loss = lambda m: m(x[:, :-1], targets=x[:, 1:])[1]
     ref_loss = lambda m: m(x[:, :-1], labels=x[:, :-1]).loss
+    flops = full.flops_per_token(args.train_seq)
     for autocast in (False, True):
+        peak = matmul_rate(device, torch.bfloat16 if autocast else torch.float32)
+        of_peak = lambda t: f"{tokens / t * flops / peak:.0%}"
         t_ours, t_ref = alternating([train_step(full, ours_loss, autocast), train_step(ref_fp32, ref_loss, autocast)],
                                     args.reps)
         name = "bf16 autocast" if autocast else "fp32"
-        rows.append((f"training tokens/s ({name}, fused AdamW)", tokens / t_ours, tokens / t_ref))
+        rows.append((f"training tokens/s ({name}, fused AdamW)", tokens / t_ours, tokens / t_ref,
+                     f"{of_peak(t_ours)} / {of_peak(t_ref)} of {peak / 1e9:.0f} GFLOP/s"))
         if args.compile:
             t_c, = alternating([train_step(torch.compile(full), ours_loss, autocast)], args.reps)
-            rows.append((f"training tokens/s ({name}), compiled model", tokens / t_c, tokens / t_ref))
+            rows.append((f"training tokens/s ({name}), compiled model", tokens / t_c, tokens / t_ref,
+                         f"{of_peak(t_c)} / {of_peak(t_ref)}"))
 
     n = sum(p.numel() for p in full.parameters())
     dev = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
@@ -149,10 +161,10 @@ def main():
     for name, rate, of_limit, ref_name, ref_rate, err, same in decode_rows:
         print(f"| {name} | {rate:,.1f} | {of_limit:.0%} | {ref_rate:,.1f} ({ref_name}) | {rate / ref_rate:.2f}x "
               f"| {err:.3f} | first {same} of 32 |")
-    print("\n| measure | omniphi | transformers | ratio |")
-    print("|---|---:|---:|---:|")
-    for name, a, b in rows:
-        print(f"| {name} | {a:,.1f} | {b:,.1f} | {a / b:.2f}x |")
+    print("\n| measure | omniphi | transformers | ratio | FLOP/s of the matmul rate (omniphi / transformers) |")
+    print("|---|---:|---:|---:|---:|")
+    for name, a, b, of_peak in rows:
+        print(f"| {name} | {a:,.1f} | {b:,.1f} | {a / b:.2f}x | {of_peak} |")
 
 
 if __name__ == "__main__":

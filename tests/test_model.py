@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from transformers import PhiConfig as HFPhiConfig
 from transformers import PhiForCausalLM
 
-from model import Linear, Phi, PhiConfig, sample
+from model import Linear, Phi, PhiConfig, one_query_attention, sample
 
 CONFIGS = {
     "phi2_proportions": dict(hidden_size=160, num_attention_heads=2, partial_rotary_factor=0.4),  # head_dim 80, rotary 32
@@ -278,6 +278,20 @@ def test_compiled_decode_is_one_graph_with_identical_tokens(checkpoint, monkeypa
     eager = ours.generate(idx, 12, temperature=0, eos_id=None, attention_mask=mask)
     for _ in range(2):  # the second call reuses the cache and the graph
         assert torch.equal(ours.generate(idx, 12, temperature=0, eos_id=None, attention_mask=mask, compile="default"), eager)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1])
+def test_one_query_attention_equals_sdpa(dtype, n_kv_head):
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 1, 80).to(dtype)
+    k, v = (torch.randn(2, n_kv_head, 37, 80).to(dtype) for _ in range(2))
+    mask = torch.rand(2, 1, 1, 37) < 0.7
+    mask[..., 0] = True
+    for m in (mask, None):
+        expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=m, enable_gqa=True)
+        torch.testing.assert_close(one_query_attention(q, k, v, m).float(), expected,
+                                   **({} if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)))
 
 
 def graphs_seen_by(monkeypatch, backend):
