@@ -2,7 +2,8 @@
 GPU benchmark for a Phi-2-size model with random weights (run by bench/gpu.sh; --smoke runs it tiny on a CPU).
 
 Decode tokens/s at batch 1 (bf16 eager and compiled, NF4, int8 eager and compiled) next to the memory-bandwidth limit
-(weight bytes / measured copy bandwidth) and transformers on the same weights; prefill tokens/s;
+(weight bytes / measured copy bandwidth) and transformers on the same weights (eager, and last its static cache
+with the forward compiled); prefill tokens/s;
 training MFU (bf16, seq 2048); QLoRA peak GPU memory. Writes a markdown table and JSON to --out.
 """
 
@@ -190,6 +191,15 @@ def main():
         mode = "reduce-overhead" if device == "cuda" else "default"
         rate = decode_rate(q, prompt, new, compile=mode)
         row("int8 decode tok/s, compiled", round(rate, 1), f"limit {bandwidth / weight_bytes(q):.0f} tok/s ({mode})")
+        del q
+
+    if "compile" not in skip and "hf" not in skip:  # transformers' own fast path: a static cache, forward compiled
+        from transformers import PhiForCausalLM
+        ref = PhiForCausalLM.from_pretrained(ckpt, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+        rate = rate_without_prefill(lambda n: ref.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                                           pad_token_id=0, cache_implementation="static"), new)
+        row("transformers decode tok/s, static cache", round(rate, 1),
+            "bf16, sdpa" + (", forward auto-compiled" if device == "cuda" else ""))
 
     print("\n" + "\n".join(write()))
 
