@@ -61,6 +61,13 @@ def rate_without_prefill(generate, new):
     return new / (timed(lambda: generate(1 + new), 2) - timed(lambda: generate(1), 2))
 
 
+def transformers_decode_rate(ckpt, dtype, device, prompt, new, **options):
+    from transformers import PhiForCausalLM
+    ref = PhiForCausalLM.from_pretrained(ckpt, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+    return rate_without_prefill(lambda n: ref.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                                       pad_token_id=0, **options), new)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "out/bench-gpu"))
@@ -121,12 +128,8 @@ def main():
     row("bf16 prefill tok/s", round(long_prompt.shape[1] / t), f"{long_prompt.shape[1]}-token prompt")
 
     if "hf" not in skip:
-        from transformers import PhiForCausalLM
-        ref = PhiForCausalLM.from_pretrained(ckpt, dtype=dtype, attn_implementation="sdpa").to(device).eval()
-        rate = rate_without_prefill(lambda n: ref.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                                           pad_token_id=0), new)
+        rate = transformers_decode_rate(ckpt, dtype, device, prompt, new)
         row("transformers decode tok/s", round(rate, 1), "bf16, sdpa, eager")
-        del ref
     del model
     gc.collect()
     torch.cuda.empty_cache() if device == "cuda" else None
@@ -194,10 +197,7 @@ def main():
         del q
 
     if "compile" not in skip and "hf" not in skip:  # transformers' own fast path: a static cache, forward compiled
-        from transformers import PhiForCausalLM
-        ref = PhiForCausalLM.from_pretrained(ckpt, dtype=dtype, attn_implementation="sdpa").to(device).eval()
-        rate = rate_without_prefill(lambda n: ref.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                                           pad_token_id=0, cache_implementation="static"), new)
+        rate = transformers_decode_rate(ckpt, dtype, device, prompt, new, cache_implementation="static")
         row("transformers decode tok/s, static cache", round(rate, 1),
             "bf16, sdpa" + (", forward auto-compiled" if device == "cuda" else ""))
 
