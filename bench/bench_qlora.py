@@ -3,7 +3,8 @@ QLoRA memory at Phi-2 size. A random-weight Phi-2 checkpoint (bf16, HF layout) i
 tensor; then a fresh process loads it with NF4 block linears, applies LoRA r=64 to every target, and runs one
 forward+backward of 512 tokens with gradient checkpointing. Prints the bytes the base weights hold beside their
 fp32 and bf16 sizes, and the peak RSS of that process against a baseline process doing the same step over a
-bf16 base (plain 16-bit LoRA). Target: QLoRA peak RSS <= 4 GB.
+bf16 base (plain 16-bit LoRA). Targets: QLoRA peak RSS <= 4 GB at 512 tokens; <= 8 GB at 2048 (the speed
+issue's budget for a GPU, which this process's RSS stands in for on a CPU).
 
     python bench/bench_qlora.py [--dir=/tmp/omniphi-phi2-random] [--seq_len=512] [--r=64] [--baseline=false]
                                 [--malloc_default]   # leave glibc's dynamic mmap threshold on (see child())
@@ -186,8 +187,9 @@ def main():
         print(f"| {name} | {sum(run['held'].values()) / GB:.2f} GB | {run['rss_loaded'] / GB:.2f} GB | "
               f"{run['load_peak'] / GB:.2f} GB | {run['step_peak'] / GB:.2f} GB | {run['load_s']:.0f} s | "
               f"{run['step_s']:.0f} s | {run['loss']:.3f} |")
-    verdict = "met" if q["rss_peak"] <= 4 * GB else "MISSED"
-    print(f"\nTarget QLoRA peak RSS <= 4 GB: {verdict} ({q['rss_peak'] / GB:.2f} GB, of which {q['rss_start'] / GB:.2f} GB "
+    target = 4 if args.seq_len <= 512 else 8
+    verdict = "met" if q["rss_peak"] <= target * GB else "MISSED"
+    print(f"\nTarget QLoRA peak RSS <= {target} GB: {verdict} ({q['rss_peak'] / GB:.2f} GB, of which {q['rss_start'] / GB:.2f} GB "
           f"is the process after importing torch and bitsandbytes; glibc malloc "
           f"{'default' if args.malloc_default else 'with MALLOC_MMAP_THRESHOLD_=1 MiB'}; {torch.get_num_threads()} threads)")
 
