@@ -163,7 +163,8 @@ class GenerateConfig:
     seed: int = 0
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     dtype: str = "bfloat16" if torch.cuda.is_available() else "float32"
-    quantize: str = ""         # "", "nf4" or "int8" weight-only quantization of the block linears
+    quantize: str = ""         # "", "nf4" or "int8" weight-only quantization of the block linears (on a
+                               # CPU, nf4 with --dtype=bfloat16 decodes fastest: bitsandbytes' 4-bit kernel)
     compile: bool = False      # decode with the torch.compile'd step (compiling takes a while, then decodes faster)
 
 

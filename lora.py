@@ -95,7 +95,7 @@ class QuantizedLinear(nn.Module):
         self._buffers.clear()
         super()._apply(fn, recurse)
         for name, t in buffers.items():
-            self._buffers[name] = t.to(fn(torch.empty(0, device=t.device)).device)
+            self._buffers[name] = None if t is None else t.to(fn(torch.empty(0, device=t.device)).device)
         self.compute_dtype = fn(torch.empty(0, dtype=self.compute_dtype)).dtype
         return self
 
@@ -106,7 +106,11 @@ class QuantizedLinear(nn.Module):
 
 class NF4Linear(QuantizedLinear):
     """4-bit NormalFloat weight in blocks of 64 values; the fp32 block scales are themselves quantized to 8 bits
-    in blocks of 256 (double quantization): about 4.127 bits per weight."""
+    in blocks of 256 (double quantization): about 4.127 bits per weight.
+    Without autograd, bitsandbytes' inference kernels read the 4-bit weight directly instead of writing and
+    reading a dequantized copy: its fused kernel on a GPU, and on a CPU with AVX512-BF16, for bf16, its CPU kernel,
+    which wants the codes in another order (`cpu_layout`); the weight is reordered in place, and back again when
+    training, merging or saving needs bitsandbytes' own layout."""
 
     kind = "nf4"
 
@@ -124,19 +128,84 @@ class NF4Linear(QuantizedLinear):
         self.register_buffer("absmax_code", state.state2.code)     # the 8-bit code book of the block scales
         self.register_buffer("absmax_offset", state.offset)        # mean block scale, removed before quantizing
         self.register_buffer("nf4_code", state.code)               # the 16 NF4 values
+        self.register_buffer("cpu_absmax", None, persistent=False)  # bf16 block scales for the CPU kernel
+        self.cpu_layout = False
 
-    def quant_state(self, dtype=None):
+    def forward(self, x):
+        if not (torch.is_grad_enabled() and x.requires_grad):
+            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+            if x.is_cuda:
+                return self.fused_matmul(x.to(dtype))
+            if dtype == torch.bfloat16 and self.cpu_kernel_fits(x):
+                return self.cpu_kernel_matmul(x.to(dtype))
+        return super().forward(x)
+
+    def quant_state(self, dtype=None, shape=None):
         import bitsandbytes.functional as bnbF
         nested = bnbF.QuantState(absmax=self.absmax_scale, code=self.absmax_code, blocksize=self.absmax_blocksize,
                                  dtype=torch.float32)
-        return bnbF.QuantState(absmax=self.absmax, shape=torch.Size([self.out_features * self.in_features]),
+        return bnbF.QuantState(absmax=self.absmax, shape=torch.Size(shape or [self.out_features * self.in_features]),
                                code=self.nf4_code, blocksize=self.blocksize, quant_type="nf4",
                                dtype=dtype or self.compute_dtype, offset=self.absmax_offset, state2=nested)
 
     def dequantized_weight(self, dtype=None):
         import bitsandbytes.functional as bnbF
+        self.set_cpu_layout(False)
         w = bnbF.dequantize_4bit(self.weight_nf4, self.quant_state(dtype))
         return w.view(self.out_features, self.in_features)
+
+    def fused_matmul(self, x):
+        """bitsandbytes.matmul_4bit without autograd: on a GPU, its fused 4-bit kernel for few rows."""
+        import bitsandbytes as bnb
+        self.set_cpu_layout(False)
+        state = self.quant_state(x.dtype, shape=(self.out_features, self.in_features))
+        return bnb.matmul_4bit(x, self.weight_nf4, state, bias=None if self.bias is None else self.bias.to(x.dtype))
+
+    def cpu_kernel_fits(self, x):
+        import bitsandbytes.functional as bnbF
+        return x.device.type == "cpu" and self.out_features % 32 == 0 and self.in_features % self.blocksize == 0 \
+            and bnbF.has_avx512bf16()
+
+    def cpu_kernel_matmul(self, x):
+        """bitsandbytes' AVX512-BF16 kernel: bf16 x times the 4-bit weight in its CPU layout, block scales in bf16."""
+        self.set_cpu_layout(True)
+        out = torch.ops.bitsandbytes.gemv_4bit.default(x, self.weight_nf4, [self.out_features, self.in_features],
+                                                        self.cpu_absmax, self.nf4_code, self.blocksize)
+        return out if self.bias is None else out + self.bias.to(out.dtype)
+
+    def set_cpu_layout(self, on):
+        """Reorder the 4-bit codes between bitsandbytes' layout (row-major, two per byte, the first in the high
+        nibble) and its CPU kernel's: for each 32 rows and 2 columns, a group of 64 codes stored as 32 bytes, the
+        first 32 codes in the low nibbles. Only the order changes, so nothing is lost either way."""
+        if on == self.cpu_layout:
+            return
+        import bitsandbytes.functional as bnbF
+        n, k = self.out_features, self.in_features
+        b = self.weight_nf4.view(-1)
+        if on:
+            codes = torch.stack((b >> 4, b & 15), dim=-1).view(n // 32, 32, k // 2, 2).transpose(1, 2).reshape(-1, 64)
+            b = (codes[:, 32:] << 4) | codes[:, :32]
+            absmax = bnbF.dequantize_blockwise(self.absmax, self.quant_state().state2) + self.absmax_offset
+            self.cpu_absmax = absmax.view(n, k // self.blocksize).T.contiguous().bfloat16()
+        else:
+            b = b.view(-1, 32)
+            codes = torch.cat((b & 15, b >> 4), dim=-1).view(n // 32, k // 2, 32, 2).transpose(1, 2).reshape(-1, 2)
+            b = (codes[:, 0] << 4) | codes[:, 1]
+            self.cpu_absmax = None
+        self.weight_nf4.copy_(b.view_as(self.weight_nf4))
+        self.cpu_layout = on
+
+    def _apply(self, fn, recurse=True):
+        self.set_cpu_layout(False)  # a move to another device takes bitsandbytes' own layout
+        return super()._apply(fn, recurse)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        self.set_cpu_layout(False)
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.set_cpu_layout(False)
+        super()._load_from_state_dict(*args, **kwargs)
 
 
 class Int8Linear(QuantizedLinear):

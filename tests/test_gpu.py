@@ -1,4 +1,5 @@
-"""CUDA-only checks, run by bench/gpu.sh on a lent GPU: bf16 parity, compiled decode with CUDA graphs, NF4 on CUDA."""
+"""CUDA-only checks, run by bench/gpu.sh on a lent GPU: bf16 parity, compiled decode with CUDA graphs, NF4 (and
+bitsandbytes' fused inference kernel) and int8 on CUDA."""
 
 import pytest
 import torch
@@ -41,3 +42,18 @@ def test_quantized_cuda_close_to_bf16(checkpoint, kind):
     with torch.no_grad():
         a, b = full(idx)[0].float(), quant(idx)[0].float()
     assert (a - b).abs().max() / a.abs().max() < 0.2
+
+
+def test_nf4_fused_kernel_on_cuda_matches_dequantized():
+    import torch.nn as nn
+
+    from lora import quantize_linear
+    torch.manual_seed(0)
+    q = quantize_linear(nn.Linear(2560, 1024, dtype=torch.bfloat16), "nf4").cuda()
+    w = q.dequantized_weight(torch.float32)
+    for rows in (1, 7, 300):  # bitsandbytes' fused kernel for few rows, dequantize + matmul for many
+        x = torch.randn(rows, 2560, device="cuda", dtype=torch.bfloat16)
+        with torch.no_grad():
+            y = q(x)
+        expected = x.float() @ w.T + q.bias.float()
+        assert y.dtype == torch.bfloat16 and ((y.float() - expected).norm() / expected.norm()).item() < 0.01

@@ -126,6 +126,44 @@ def test_int8_decodes_with_the_fused_kernel_on_cpu_in_bf16(monkeypatch):
     assert calls == []
 
 
+@pytest.mark.skipif(not bnbF.has_avx512bf16(), reason="bitsandbytes' NF4 CPU kernel needs AVX512-BF16")
+def test_nf4_infers_with_bitsandbytes_cpu_kernel_and_gives_back_its_layout():
+    torch.manual_seed(0)
+    linear = nn.Linear(128, 96)
+    q = quantize_linear(linear, "nf4")
+    standard, w = q.weight_nf4.clone(), q.dequantized_weight(torch.float32)
+    x = torch.randn(2, 3, 128)
+    with torch.no_grad():
+        y = q(x.bfloat16())  # bf16 without autograd: the kernel, over the reordered codes
+    assert q.cpu_layout and not torch.equal(q.weight_nf4, standard)
+    packed, state = bnbF.quantize_4bit(linear.weight.detach(), blocksize=64, quant_type="nf4", compress_statistics=True)
+    packed, state = bnbF._convert_weight_packed_for_cpu(packed, state)  # bitsandbytes' own reordering agrees
+    assert torch.equal(q.weight_nf4.view(-1), packed.view(-1)) and torch.equal(q.cpu_absmax, state.absmax)
+    assert y.dtype == torch.bfloat16 and relative_error(y, x @ w.T + linear.bias) < 0.01
+    with torch.no_grad():
+        assert torch.equal(q(x.bfloat16()), y)  # stays reordered while inferring
+    for give_back in (lambda: q(x.requires_grad_()).sum().backward(), q.state_dict, lambda: q.to("cpu"),
+                      lambda: q.dequantized_weight()):
+        with torch.no_grad():
+            q(x.detach().bfloat16())
+        give_back()  # training, saving, moving and merging see bitsandbytes' layout, exactly as it was
+        assert not q.cpu_layout and torch.equal(q.weight_nf4, standard) and q.cpu_absmax is None
+    with torch.no_grad():
+        torch.testing.assert_close(q(x), x @ w.T + linear.bias, rtol=0, atol=1e-5)  # fp32 keeps the exact path
+    assert not q.cpu_layout
+
+
+def test_nf4_fused_matmul_takes_the_two_dimensional_state():
+    # on a GPU, inference goes through bitsandbytes.matmul_4bit and its fused kernel; on a CPU the same call
+    # dequantizes, which checks the state handed to it (shape, nested block scales) against our own dequantize
+    torch.manual_seed(0)
+    linear = nn.Linear(128, 96)
+    q = quantize_linear(linear, "nf4")
+    x = torch.randn(1, 1, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(q.fused_matmul(x), x @ q.dequantized_weight().T + linear.bias, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int8_multiplies_and_sums_in_the_compiled_cpu_decode_step(dtype):
     torch.manual_seed(0)
