@@ -130,6 +130,7 @@ class NF4Linear(QuantizedLinear):
         self.register_buffer("nf4_code", state.code)               # the 16 NF4 values
         self.register_buffer("cpu_absmax", None, persistent=False)  # bf16 block scales for the CPU kernel
         self.cpu_layout = False
+        self.cpu_has_kernel = bnbF.has_avx512bf16()
 
     def forward(self, x):
         if not (torch.is_grad_enabled() and x.requires_grad):
@@ -162,9 +163,16 @@ class NF4Linear(QuantizedLinear):
         return bnb.matmul_4bit(x, self.weight_nf4, state, bias=None if self.bias is None else self.bias.to(x.dtype))
 
     def cpu_kernel_fits(self, x):
-        import bitsandbytes.functional as bnbF
         return x.device.type == "cpu" and self.out_features % 32 == 0 and self.in_features % self.blocksize == 0 \
-            and bnbF.has_avx512bf16()
+            and self.cpu_has_kernel
+
+    def ready_for_compiled_decoding(self):
+        """True where the compiled decode step can call the CPU kernel (bf16 compute, on a CPU that has it); the
+        weight is reordered now, so the graph never does it. Elsewhere bitsandbytes' calls break the graph."""
+        if self.compute_dtype != torch.bfloat16 or not self.cpu_kernel_fits(self.weight_nf4):
+            return False
+        self.set_cpu_layout(True)
+        return True
 
     def cpu_kernel_matmul(self, x):
         """bitsandbytes' AVX512-BF16 kernel: bf16 x times the 4-bit weight in its CPU layout, block scales in bf16."""

@@ -325,9 +325,11 @@ class Phi(nn.Module):
     def compiled_decode_step(self, mode="default"):
         """decode_step under torch.compile (one graph: shapes are static because the cache is preallocated).
         mode="reduce-overhead" adds CUDA graphs on GPU."""
-        if any(getattr(m, "kind", None) == "nf4" for m in self.modules()):
-            raise ValueError("compiled decoding does not support NF4 weights (bitsandbytes' kernels break the graph); "
-                             "use int8 or no quantization")
+        nf4 = [m for m in self.modules() if getattr(m, "kind", None) == "nf4"]
+        if not all(m.ready_for_compiled_decoding() for m in nf4):
+            raise ValueError("compiled decoding supports NF4 weights only through bitsandbytes' CPU kernel: bf16 "
+                             "compute on a CPU with AVX512-BF16 (elsewhere its calls break the graph); decode eagerly "
+                             "or use int8")
         if getattr(self, "_compiled", None) is None or self._compiled[0] != mode:
             self._compiled = (mode, torch.compile(self.decode_step, fullgraph=True, dynamic=False, mode=mode))
         return self._compiled[1]

@@ -13,7 +13,7 @@ from transformers import PhiForCausalLM
 
 from lora import (Int8Linear, LoRALinear, NF4Linear, QuantizedLinear, apply_lora, load_adapter, lora_parameters,
                   make_optimizer, merge_lora, quantize_linear, save_adapter)
-from model import Linear, Phi
+from model import Linear, Phi, PhiConfig
 
 VOCAB = 256
 
@@ -151,6 +151,39 @@ def test_nf4_infers_with_bitsandbytes_cpu_kernel_and_gives_back_its_layout():
     with torch.no_grad():
         torch.testing.assert_close(q(x), x @ w.T + linear.bias, rtol=0, atol=1e-5)  # fp32 keeps the exact path
     assert not q.cpu_layout
+
+
+@pytest.mark.skipif(not bnbF.has_avx512bf16(), reason="bitsandbytes' NF4 CPU kernel needs AVX512-BF16")
+def test_nf4_compiled_decode_step_calls_the_cpu_kernel_under_inductor(tmp_path, monkeypatch):
+    from torch._inductor.compile_fx import compile_fx
+    graphs, real_compile = [], torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, mode=None, **kw: real_compile(
+        fn, backend=lambda gm, inputs: graphs.append(gm) or compile_fx(gm, inputs), **kw))
+    torch.manual_seed(0)
+    Phi(PhiConfig.from_preset("tiny", hidden_size=128, intermediate_size=256, vocab_size=VOCAB,
+                                             partial_rotary_factor=0.5)).save_pretrained(tmp_path)
+    model = Phi.from_pretrained(tmp_path, dtype=torch.bfloat16, quantize="nf4")
+    prompt, tokens = torch.randint(0, VOCAB, (1, 6)), torch.randint(0, VOCAB, (4,))
+
+    def teacher_forced(step):  # the logits of four cached steps over the same tokens
+        with torch.inference_mode():
+            model.setup_cache(1, 16)
+            key_mask = torch.zeros(1, 16, dtype=torch.bool)
+            key_mask[:, :6] = True
+            model.hidden_states(prompt, position_ids=torch.arange(6)[None], attention_mask=key_mask,
+                                cache_slots=torch.arange(6))
+            logits = []
+            for i, token in enumerate(tokens):
+                key_mask[:, 6 + i] = True
+                logits.append(step(token.view(1, 1), torch.tensor([[6 + i]]), torch.tensor([6 + i]), key_mask).clone())
+            return torch.cat(logits)
+    eager = teacher_forced(model.decode_step)
+    compiled = teacher_forced(model.compiled_decode_step())
+    kernel_calls = sum(n.target is torch.ops.bitsandbytes.gemv_4bit.default for gm in graphs for n in gm.graph.nodes)
+    assert kernel_calls == sum(isinstance(m, NF4Linear) for m in model.modules()) == 12
+    assert relative_error(compiled, eager) < 0.01  # bf16 (0.005 here): the compiled lm_head sums in fp32
+    with pytest.raises(ValueError, match="NF4"):
+        Phi.from_pretrained(tmp_path, quantize="nf4").compiled_decode_step()  # fp32 compute: no kernel
 
 
 def test_nf4_fused_matmul_takes_the_two_dimensional_state():
