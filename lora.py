@@ -74,9 +74,14 @@ class QuantizedLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     def forward(self, x):
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        dtype = self.input_dtype(x)
         out = DequantizedMatmul.apply(x.to(dtype), self)
         return out if self.bias is None else out + self.bias.to(dtype)
+
+    @staticmethod
+    def input_dtype(x):
+        """The dtype to compute in: the autocast dtype where autocast is on, else x's."""
+        return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
     def dequantized_weight(self, dtype=None):
         raise NotImplementedError
@@ -134,10 +139,10 @@ class NF4Linear(QuantizedLinear):
 
     def forward(self, x):
         if not (torch.is_grad_enabled() and x.requires_grad):
-            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+            dtype = self.input_dtype(x)
             if x.is_cuda:
                 return self.fused_matmul(x.to(dtype))
-            if dtype == torch.bfloat16 and self.cpu_kernel_fits(x):
+            if dtype == torch.bfloat16 and self.cpu_kernel_fits(x.device):
                 return self.cpu_kernel_matmul(x.to(dtype))
         return super().forward(x)
 
@@ -162,14 +167,14 @@ class NF4Linear(QuantizedLinear):
         state = self.quant_state(x.dtype, shape=(self.out_features, self.in_features))
         return bnb.matmul_4bit(x, self.weight_nf4, state, bias=None if self.bias is None else self.bias.to(x.dtype))
 
-    def cpu_kernel_fits(self, x):
-        return x.device.type == "cpu" and self.out_features % 32 == 0 and self.in_features % self.blocksize == 0 \
+    def cpu_kernel_fits(self, device):
+        return device.type == "cpu" and self.out_features % 32 == 0 and self.in_features % self.blocksize == 0 \
             and self.cpu_has_kernel
 
     def ready_for_compiled_decoding(self):
         """True where the compiled decode step can call the CPU kernel (bf16 compute, on a CPU that has it); the
         weight is reordered now, so the graph never does it. Elsewhere bitsandbytes' calls break the graph."""
-        if self.compute_dtype != torch.bfloat16 or not self.cpu_kernel_fits(self.weight_nf4):
+        if self.compute_dtype != torch.bfloat16 or not self.cpu_kernel_fits(self.weight_nf4.device):
             return False
         self.set_cpu_layout(True)
         return True

@@ -154,14 +154,13 @@ def test_nf4_infers_with_bitsandbytes_cpu_kernel_and_gives_back_its_layout():
 
 
 @pytest.mark.skipif(not bnbF.has_avx512bf16(), reason="bitsandbytes' NF4 CPU kernel needs AVX512-BF16")
-def test_nf4_compiled_decode_step_calls_the_cpu_kernel_under_inductor(tmp_path, monkeypatch):
+def test_nf4_compiled_decode_step_calls_the_cpu_kernel_under_inductor(tmp_path, patch_compile):
     from torch._inductor.compile_fx import compile_fx
-    graphs, real_compile = [], torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn, mode=None, **kw: real_compile(
-        fn, backend=lambda gm, inputs: graphs.append(gm) or compile_fx(gm, inputs), **kw))
+    graphs = patch_compile(compile_fx)
     torch.manual_seed(0)
-    Phi(PhiConfig.from_preset("tiny", hidden_size=128, intermediate_size=256, vocab_size=VOCAB,
-                                             partial_rotary_factor=0.5)).save_pretrained(tmp_path)
+    config = PhiConfig.from_preset("tiny", hidden_size=128, intermediate_size=256, vocab_size=VOCAB,
+                                   partial_rotary_factor=0.5)
+    Phi(config).save_pretrained(tmp_path)
     model = Phi.from_pretrained(tmp_path, dtype=torch.bfloat16, quantize="nf4")
     prompt, tokens = torch.randint(0, VOCAB, (1, 6)), torch.randint(0, VOCAB, (4,))
 
@@ -198,12 +197,12 @@ def test_nf4_fused_matmul_takes_the_two_dimensional_state():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int8_multiplies_and_sums_in_the_compiled_cpu_decode_step(dtype):
+def test_int8_multiplies_and_sums_in_the_compiled_cpu_decode_step(dtype, patch_compile):
     torch.manual_seed(0)
     q = quantize_linear(nn.Linear(256, 96), "int8")
     w = q.dequantized_weight(torch.float32)
-    graphs = []
-    step = torch.compile(q, backend=lambda gm, example_inputs: graphs.append(gm) or gm.forward, dynamic=False)
+    graphs = patch_compile()
+    step = torch.compile(q, dynamic=False)
     x = torch.randn(1, 1, 256).to(dtype)
     with torch.no_grad():
         y = step(x)

@@ -266,10 +266,9 @@ def test_empty_and_too_long_prompts(checkpoint):
         ours(torch.zeros(1, 129, dtype=torch.long))
 
 
-def test_compiled_decode_is_one_graph_with_identical_tokens(checkpoint, monkeypatch):
+def test_compiled_decode_is_one_graph_with_identical_tokens(checkpoint, patch_compile):
     """The compiled step captures whole (fullgraph=True); the eager backend keeps the test fast, inductor runs in bench/gpu.sh."""
-    real_compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn, mode=None, **kw: real_compile(fn, backend="eager", **kw))
+    patch_compile()
     _, path = checkpoint
     ours = Phi.from_pretrained(path)
     idx = torch.randint(0, 512, (2, 7))
@@ -294,26 +293,15 @@ def test_one_query_attention_equals_sdpa(dtype, n_kv_head):
                                    **({} if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)))
 
 
-def graphs_seen_by(monkeypatch, backend):
-    """Patch torch.compile to record every graph it is handed, then compile it with backend."""
-    graphs, real_compile = [], torch.compile
-
-    def recording(gm, example_inputs):
-        graphs.append(gm)
-        return backend(gm, example_inputs)
-    monkeypatch.setattr(torch, "compile", lambda fn, mode=None, **kw: real_compile(fn, backend=recording, **kw))
-    return graphs
-
-
 def materializations(graphs):
     return sum(n.target is torch.ops.omniphi.materialize.default for gm in graphs for n in gm.graph.nodes)
 
 
-def test_compiled_cpu_decode_step_multiplies_and_sums_under_inductor(monkeypatch):
+def test_compiled_cpu_decode_step_multiplies_and_sums_under_inductor(patch_compile):
     """Inductor itself: every linear of the step becomes a multiply-and-sum over its weight, and greedy tokens
     stay those of eager decoding."""
     from torch._inductor.compile_fx import compile_fx
-    graphs = graphs_seen_by(monkeypatch, compile_fx)
+    graphs = patch_compile(compile_fx)
     torch.manual_seed(0)
     ours = Phi(PhiConfig.from_preset("tiny", vocab_size=300)).eval()
     idx = torch.randint(0, 300, (1, 7))
@@ -322,8 +310,8 @@ def test_compiled_cpu_decode_step_multiplies_and_sums_under_inductor(monkeypatch
     assert materializations(graphs) == sum(isinstance(m, Linear) for m in ours.modules())
 
 
-def test_linear_multiplies_and_sums_only_for_a_few_rows_without_grad(monkeypatch):
-    graphs = graphs_seen_by(monkeypatch, lambda gm, example_inputs: gm.forward)
+def test_linear_multiplies_and_sums_only_for_a_few_rows_without_grad(patch_compile):
+    graphs = patch_compile()
     torch.manual_seed(0)
     linear = Linear(64, 48)
     step = torch.compile(linear, dynamic=False)
@@ -341,9 +329,8 @@ def test_linear_multiplies_and_sums_only_for_a_few_rows_without_grad(monkeypatch
     assert graphs == []
 
 
-def test_compiled_decode_cache_is_a_power_of_two_of_slots(monkeypatch):
-    real_compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn, mode=None, **kw: real_compile(fn, backend="eager", **kw))
+def test_compiled_decode_cache_is_a_power_of_two_of_slots(patch_compile):
+    patch_compile()
     torch.manual_seed(0)
     ours = Phi(PhiConfig.from_preset("tiny", vocab_size=300, max_position_embeddings=1024)).eval()
     for prompt, new, slots in ((7, 12, 256), (250, 10, 512), (600, 300, 1024)):
@@ -353,9 +340,8 @@ def test_compiled_decode_cache_is_a_power_of_two_of_slots(monkeypatch):
         assert ours.model.layers[0].self_attn.kv_cache.k.shape[2] == slots
 
 
-def test_plain_forward_ignores_a_kept_cache(checkpoint, monkeypatch):
-    real_compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn, mode=None, **kw: real_compile(fn, backend="eager", **kw))
+def test_plain_forward_ignores_a_kept_cache(checkpoint, patch_compile):
+    patch_compile()
     _, path = checkpoint
     ours = Phi.from_pretrained(path)
     idx = torch.randint(0, 512, (2, 9))
