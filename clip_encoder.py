@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from model import atomic_write_text, checkpoint_files, resolve_checkpoint, resolve_dtype, save_safetensors
+from model import atomic_write, checkpoint_files, resolve_checkpoint, resolve_dtype, save_safetensors
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -336,8 +336,8 @@ class CLIPVision(nn.Module):
         # our names are the classic HF names (vision_model.*), which every transformers version loads
         out = save_safetensors(self.state_dict(), out_dir, max_shard_size)
         config = {**self.config.to_hf_json(), "torch_dtype": str(self.dtype).removeprefix("torch.")}
-        atomic_write_text(out / "config.json", json.dumps(config, indent=2))
-        atomic_write_text(out / "preprocessor_config.json", json.dumps(self.processor.to_hf_json(), indent=2))
+        atomic_write(out / "config.json", json.dumps(config, indent=2))
+        atomic_write(out / "preprocessor_config.json", json.dumps(self.processor.to_hf_json(), indent=2))
 
     def weights_hash(self):
         hasher = WeightsHasher()
@@ -422,7 +422,8 @@ def tower_identity(path):
 def load_image(source):
     """Open an image file (path, bytes or binary file object) as an RGB PIL image, upright per its EXIF
     orientation; transparency is composited onto white (as CLIPImageProcessor does). Refuses non-images and
-    images over MAX_IMAGE_PIXELS with a ValueError."""
+    images over MAX_IMAGE_PIXELS and paths that cannot be read (a folder, no permission) with a ValueError; a missing
+    file raises FileNotFoundError."""
     name = str(source) if isinstance(source, (str, os.PathLike)) else "<bytes>"
     if isinstance(source, (bytes, bytearray, memoryview)):
         source = io.BytesIO(source)
@@ -434,6 +435,10 @@ def load_image(source):
             raise ValueError(f"refusing {name}: too many pixels, a possible decompression bomb ({err})") from None
         except UnidentifiedImageError:
             raise ValueError(f"not an image (or a format PIL cannot read): {name}") from None
+        except FileNotFoundError:
+            raise
+        except OSError as err:  # a folder, no permission
+            raise ValueError(f"cannot read image {name}: {err.strerror or err}") from None
     with image:
         if image.width * image.height > MAX_IMAGE_PIXELS:
             raise ValueError(f"refusing {name}: {image.width}x{image.height} is over {MAX_IMAGE_PIXELS:,} pixels "

@@ -5,6 +5,7 @@ safetensors layout (so `microsoft/phi-2` loads here and a model trained here loa
 Module names mirror transformers' PhiForCausalLM, so state_dict keys are the checkpoint's tensor names.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -93,39 +94,6 @@ PRESETS = {
 }
 
 
-# materialize(x): a copy that torch.compile cannot see into, so what computed x is not fused into its consumer.
-# A plain library op (4 us a call) rather than torch.library.custom_op (13 us).
-_library = torch.library.Library("omniphi", "DEF")
-_library.define("materialize(Tensor x) -> Tensor")
-_library.impl("materialize", lambda x: x.clone(), "CompositeExplicitAutograd")
-materialize = torch.ops.omniphi.materialize.default
-
-
-def multiply_sum_is_faster(x):
-    """True inside torch.compile, on a CPU, without autograd, for at most 4 rows: the compiled decode step.
-    There x @ W.T written as (W * x).sum(-1) becomes one vectorised pass over W that reads memory faster
-    than BLAS's matrix-vector kernel (bench/bench_lm.py)."""
-    return torch.compiler.is_compiling() and x.device.type == "cpu" and not torch.is_grad_enabled() \
-        and x.shape[:-1].numel() <= 4
-
-
-def multiply_sum(x, weight):
-    """x @ weight.T in fp32 as a multiply and a sum. x is materialized first (in fp32, so it is not converted
-    again for every row): fused in, whatever computed x (a LayerNorm, a GELU) would be recomputed for every weight
-    element."""
-    return (weight * materialize(x.float()).unsqueeze(-2)).sum(-1)
-
-
-class Linear(nn.Linear):
-    """nn.Linear that takes the multiply-and-sum form where that is faster."""
-
-    def forward(self, x):
-        if multiply_sum_is_faster(x):
-            out = multiply_sum(x, self.weight)
-            return (out if self.bias is None else out + self.bias).to(x.dtype)
-        return F.linear(x, self.weight, self.bias)
-
-
 class KVCache(nn.Module):
     """Preallocated keys and values; written at explicit slots so shapes never change while decoding."""
 
@@ -148,15 +116,10 @@ def apply_rotary(x, cos, sin, rotary_dim):
     return torch.cat((x_rot * cos + rotated * sin, x_pass), dim=-1)
 
 
-def one_query_attention(q, k, v, mask=None):
-    """Attention of one query position (B, heads, 1, head_dim), written out: on a CPU, several times faster than
-    scaled_dot_product_attention's kernel in bf16 or under torch.compile. Query heads share key heads in groups."""
-    B, n_head, _, head_dim = q.shape
-    n_kv_head = k.shape[1]
-    scores = (q.view(B, n_kv_head, n_head // n_kv_head, head_dim) @ k.transpose(-1, -2)).float() / math.sqrt(head_dim)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    return (scores.softmax(-1).to(v.dtype) @ v).view(B, n_head, 1, head_dim)
+def attention(q, k, v, mask=None, dropout_p=0.0):
+    """softmax(q k^T / sqrt(head_dim)) v, query heads sharing key heads in groups; mask (B, 1, Tq, Tk) bool, None: causal."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout_p,
+                                          enable_gqa=k.shape[1] != q.shape[1])
 
 
 class PhiAttention(nn.Module):
@@ -164,11 +127,12 @@ class PhiAttention(nn.Module):
         super().__init__()
         self.config = config
         self.n_head, self.n_kv_head, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-        self.q_proj = Linear(config.hidden_size, self.n_head * self.head_dim)
-        self.k_proj = Linear(config.hidden_size, self.n_kv_head * self.head_dim)
-        self.v_proj = Linear(config.hidden_size, self.n_kv_head * self.head_dim)
-        self.dense = Linear(self.n_head * self.head_dim, config.hidden_size)
+        self.q_proj = nn.Linear(config.hidden_size, self.n_head * self.head_dim)
+        self.k_proj = nn.Linear(config.hidden_size, self.n_kv_head * self.head_dim)
+        self.v_proj = nn.Linear(config.hidden_size, self.n_kv_head * self.head_dim)
+        self.dense = nn.Linear(self.n_head * self.head_dim, config.hidden_size)
         self.kv_cache = None
+        self.attend = attention  # decoding.py puts in a faster function for one query on a CPU
 
     def forward(self, x, cos, sin, mask, cache_slots=None):
         B, T, _ = x.shape
@@ -179,21 +143,15 @@ class PhiAttention(nn.Module):
         k = apply_rotary(k, cos, sin, self.config.rotary_dim)
         if cache_slots is not None:
             k, v = self.kv_cache.update(cache_slots, k, v)
-        if T == 1 and x.device.type == "cpu" and not self.training:
-            y = one_query_attention(q, k, v, mask)
-        else:
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None,
-                dropout_p=self.config.attention_dropout if self.training else 0.0,
-                enable_gqa=self.n_kv_head != self.n_head)
+        y = self.attend(q, k, v, mask, self.config.attention_dropout if self.training else 0.0)
         return self.dense(y.transpose(1, 2).reshape(B, T, -1))
 
 
 class PhiMLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.fc1 = Linear(config.hidden_size, config.intermediate_size)
-        self.fc2 = Linear(config.intermediate_size, config.hidden_size)
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
@@ -228,7 +186,7 @@ class Phi(nn.Module):
         super().__init__()
         self.config = config
         self.model = PhiModel(config)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size)
         self._init_rope()
         if self.lm_head.weight.device.type != "meta":
             self.apply(self._init_weights)
@@ -322,18 +280,6 @@ class Phi(nn.Module):
         for block in self.model.layers:
             block.self_attn.kv_cache = None
 
-    def compiled_decode_step(self, mode="default"):
-        """decode_step under torch.compile (one graph: shapes are static because the cache is preallocated).
-        mode="reduce-overhead" adds CUDA graphs on GPU."""
-        nf4 = [m for m in self.modules() if getattr(m, "kind", None) == "nf4"]
-        if not all(m.ready_for_compiled_decoding() for m in nf4):
-            raise ValueError("compiled decoding supports NF4 weights only through bitsandbytes' CPU kernel: bf16 "
-                             "compute on a CPU with AVX512-BF16 (elsewhere its calls break the graph); decode eagerly "
-                             "or use int8")
-        if getattr(self, "_compiled", None) is None or self._compiled[0] != mode:
-            self._compiled = (mode, torch.compile(self.decode_step, fullgraph=True, dynamic=False, mode=mode))
-        return self._compiled[1]
-
     def decode_step(self, tokens, position_ids, cache_slots, key_mask):
         """One cached step: tokens (B, 1) at position_ids (B, 1) into column cache_slots (1,). Returns (B, vocab)."""
         h = self.hidden_states(tokens, position_ids=position_ids, attention_mask=key_mask, cache_slots=cache_slots)
@@ -341,13 +287,12 @@ class Phi(nn.Module):
 
     @torch.inference_mode()
     def generate_stream(self, idx=None, max_new_tokens=128, *, temperature=1.0, top_k=None, top_p=None, eos_id=50256,
-                        attention_mask=None, inputs_embeds=None, generator=None, compile=None):
+                        attention_mask=None, inputs_embeds=None, generator=None, decoder=None):
         """Yields the next token of every sequence, (B,), until max_new_tokens or all have produced eos_id.
         Prompts of different lengths are left-padded with attention_mask marking the real tokens.
-        Finished sequences keep yielding eos_id. compile=None decodes eagerly; compile="default" (or
-        "reduce-overhead", "max-autotune") uses a compiled step over a cache kept between calls, sized to a power
-        of two (at least 256, at most the context), so a few graphs serve every length and attention reads
-        no more than twice the slots in use."""
+        Finished sequences keep yielding eos_id. Each new token is one decode_step; a decoder (decoding.py's compiled
+        one) replaces it with its own step and picks the cache length (decoder.cache_len), and the cache is then kept
+        between calls."""
         prompt = idx if inputs_embeds is None else inputs_embeds
         if prompt is None:
             raise ValueError("pass idx or inputs_embeds")
@@ -363,13 +308,11 @@ class Phi(nn.Module):
         mask = torch.ones(B, T, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool().to(device)
         if not mask.any(-1).all():
             raise ValueError("a prompt in the batch is entirely padding")
-        cache_len = T + max_new_tokens
-        if compile:
-            cache_len = min(self.config.max_position_embeddings, max(256, 1 << (cache_len - 1).bit_length()))
+        cache_len = T + max_new_tokens if decoder is None else decoder.cache_len(T + max_new_tokens)
         key_mask = torch.zeros(B, cache_len, dtype=torch.bool, device=device)
         key_mask[:, :T] = mask
         position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        decode_step = self.compiled_decode_step(compile) if compile else self.decode_step
+        decode_step = self.decode_step if decoder is None else decoder.step
         self.setup_cache(B, cache_len)
         try:
             h = self.hidden_states(idx, inputs_embeds=inputs_embeds, position_ids=position_ids,
@@ -389,16 +332,16 @@ class Phi(nn.Module):
                 logits = decode_step(token[:, None], next_pos, torch.tensor([T + i], device=device), key_mask)
                 next_pos = next_pos + 1
         finally:
-            if not compile:
+            if decoder is None:
                 self.clear_cache()
 
     @torch.inference_mode()
     def generate(self, idx=None, max_new_tokens=128, *, temperature=1.0, top_k=None, top_p=None, eos_id=50256,
-                 attention_mask=None, inputs_embeds=None, generator=None, compile=None):
+                 attention_mask=None, inputs_embeds=None, generator=None, decoder=None):
         """Returns (B, T + new) token ids (with inputs_embeds only the new ids, (B, new))."""
         new = list(self.generate_stream(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                         eos_id=eos_id, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                                        generator=generator, compile=compile))
+                                        generator=generator, decoder=decoder))
         new = torch.stack(new, dim=1)
         return new if idx is None else torch.cat((idx, new), dim=1)
 
@@ -420,21 +363,21 @@ class Phi(nn.Module):
     @classmethod
     def from_pretrained(cls, path_or_hub_id, *, dtype=None, device="cpu", quantize=None):
         """Load an HF-layout folder (config.json + model.safetensors or an index with shards) or a hub id.
-        Tensors are read one at a time into the target dtype on a meta-built model, so no fp32 copy is made;
-        quantize="nf4" or "int8" quantizes each block linear as soon as it is loaded."""
+        Tensors are read one at a time into the target dtype on a meta-built model, so no fp32 copy is made.
+        quantize, a load hook: a function that turns each block nn.Linear, as soon as it is loaded, into the module
+        that replaces it (lora.quantizer("nf4") or ("int8")), so a full-precision copy of the blocks never exists."""
         from safetensors import safe_open
 
         dtype = resolve_dtype(dtype)
-        if quantize not in (None, "nf4", "int8"):
-            raise ValueError(f"quantize must be None, 'nf4' or 'int8', not {quantize!r}")
+        if quantize is not None and not callable(quantize):
+            raise TypeError(f"quantize must be a function nn.Linear -> module, e.g. lora.quantizer('nf4'); got {quantize!r}")
         folder = resolve_checkpoint(path_or_hub_id, "microsoft/phi-2")
         config = PhiConfig.from_hf_json(json.loads((folder / "config.json").read_text()))
         with torch.device("meta"):
             model = cls(config)
         expected = {k: v.shape for k, v in model.state_dict().items()}
         pending = {}  # quantizable linear -> names of its tensors not loaded yet
-        if quantize:
-            from lora import quantize_linear
+        if quantize is not None:
             for name, module in model.model.layers.named_modules():
                 if isinstance(module, nn.Linear):
                     pending[f"model.layers.{name}"] = {"weight", "bias"}
@@ -461,7 +404,7 @@ class Phi(nn.Module):
                     pending[module_name].discard(attr)
                     if not pending[module_name]:
                         parent, child = module_name.rsplit(".", 1)
-                        setattr(model.get_submodule(parent), child, quantize_linear(module, quantize))
+                        setattr(model.get_submodule(parent), child, quantize(module))
                         del pending[module_name]
         if expected:
             raise ValueError(f"checkpoint {folder} is missing {len(expected)} tensors, e.g. '{next(iter(expected))}'")
@@ -478,7 +421,7 @@ class Phi(nn.Module):
         out = save_safetensors(state, out_dir, max_shard_size)
         hf = self.config.to_hf_json()
         hf["torch_dtype"] = str(self.lm_head.weight.dtype).removeprefix("torch.")
-        atomic_write_text(out / "config.json", json.dumps(hf, indent=2))
+        atomic_write(out / "config.json", json.dumps(hf, indent=2))
 
     def _hf_names(self):
         names = {"model.embed_tokens.weight", "model.final_layernorm.weight", "model.final_layernorm.bias",
@@ -523,24 +466,31 @@ def resolve_dtype(dtype):
 
 
 def resolve_checkpoint(path_or_hub_id, example_id="microsoft/phi-2"):
-    """A local folder as it is, or a hub id downloaded (safetensors + json only) when huggingface_hub and a network exist."""
-    path = Path(path_or_hub_id).expanduser()
+    """A local folder as it is, or a hub id ("owner/name", not a path that exists or starts like one) downloaded
+    (safetensors + json only) when huggingface_hub and a network exist."""
+    text = str(path_or_hub_id)
+    path = Path(text).expanduser()
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path} has no config.json; expected a Hugging Face checkpoint folder")
-        return path
+        if (path / "config.json").is_file():
+            return path
+        if (path / "ckpt" / "config.json").is_file():  # a run folder of train_lm.py
+            return path / "ckpt"
+        raise FileNotFoundError(f"{path} has no config.json; expected a Hugging Face checkpoint folder (or a run "
+                                "folder with ckpt/ in it)")
     if path.exists():
         raise FileNotFoundError(f"{path} is a file; pass the checkpoint folder that holds config.json")
-    how = (f"download it first, e.g. `huggingface-cli download {example_id} --local-dir checkpoints/{example_id.split('/')[-1]}`,"
-           " then pass that folder")
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(path_or_hub_id)):
-        raise FileNotFoundError(f"checkpoint folder '{path_or_hub_id}' does not exist; {how}")
+    how = f"download it first, e.g. `hf download {example_id} --local-dir checkpoints/{example_id.split('/')[-1]}`"
+    looks_local = text.startswith(("/", ".", "~")) or Path(text.split("/")[0]).is_dir() or text.count("/") != 1
+    if looks_local or not re.fullmatch(r"[\w.-]+/[\w.-]+", text):
+        raise FileNotFoundError(f"checkpoint folder {text} does not exist ({how}, then pass that folder)")
     try:
         from huggingface_hub import snapshot_download
-        return Path(snapshot_download(str(path_or_hub_id), allow_patterns=["*.json", "*.safetensors"]))
+        return Path(snapshot_download(text, allow_patterns=["*.json", "*.safetensors"]))
     except Exception as err:
-        raise FileNotFoundError(f"'{path_or_hub_id}' is not a local folder and could not be downloaded "
-                                f"({type(err).__name__}: {err}); {how}") from None
+        reason = "huggingface_hub is not installed" if isinstance(err, ImportError) else \
+            f"the download failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        raise FileNotFoundError(f"checkpoint folder {text} does not exist, and as a hub id it could not be had "
+                                f"({reason}); {how} and pass that folder") from None
 
 
 def checkpoint_files(folder):
@@ -561,8 +511,6 @@ def checkpoint_files(folder):
 def save_safetensors(state, out_dir, max_shard_size=None):
     """model.safetensors, or shards of at most max_shard_size bytes + model.safetensors.index.json; each file
     is written under a temporary name and renamed, and files of an earlier layout are removed."""
-    from safetensors.torch import save_file
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     shards, current, size = [], {}, 0
@@ -579,16 +527,47 @@ def save_safetensors(state, out_dir, max_shard_size=None):
     names = ["model.safetensors"] if len(shards) == 1 else [
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for name, shard in zip(names, shards):
-        save_file(shard, str(out / (name + ".tmp")), metadata={"format": "pt"})
-        os.replace(out / (name + ".tmp"), out / name)
+        write_safetensors(shard, out / name)
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
                  "weight_map": {k: n for n, s in zip(names, shards) for k in s}}
-        atomic_write_text(out / "model.safetensors.index.json", json.dumps(index, indent=2))
+        atomic_write(out / "model.safetensors.index.json", json.dumps(index, indent=2))
     return out
 
 
-def atomic_write_text(path, text):
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(text)
+def write_safetensors(tensors, path, metadata=None):
+    """One safetensors file, written under a temporary name and published (see publish)."""
+    from safetensors.torch import save_file
+
+    tmp = Path(f"{path}.tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata or {"format": "pt"})
+    publish(tmp, path)
+
+
+def publish(tmp, path):
+    """Give a finished temporary file the usual permissions (readable by all, as for any file the user writes),
+    flush it to disk and rename it into place."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_folder(Path(path).parent)
+
+
+def atomic_write(path, data):
+    """Write text or bytes under a temporary name, flush it to disk and rename it into place."""
+    tmp = Path(f"{path}.tmp")
+    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    publish(tmp, path)
+
+
+def fsync_folder(folder):
+    """Flush a folder's entries (renames into it) to disk."""
+    with contextlib.suppress(OSError):  # some file systems cannot open a folder
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -82,12 +82,15 @@ def save_projector(projector, path):
     """projector.safetensors: mm_projector.* tensors, kind and sizes in the metadata; written atomically."""
     import os
 
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     tensors = {f"mm_projector.{k}": v.detach().contiguous().cpu() for k, v in projector.state_dict().items()}
     meta = {"kind": projector.kind, "vision_dim": str(projector.vision_dim), "lm_dim": str(projector.lm_dim)}
     tmp = f"{path}.tmp"
-    save_file(tensors, tmp, metadata=meta)
+    with open(tmp, "wb") as f:  # written as any file the user writes (save_file makes 0600)
+        f.write(save(tensors, metadata=meta))
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 

@@ -12,9 +12,11 @@ API (OpenAI's schema; the page uses the same endpoints):
                                   {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}
                                   {"type": "input_audio", "input_audio": {"data": BASE64, "format": "wav"}}
                                 stream, max_tokens / max_completion_tokens, temperature, top_p, stop, seed,
-                                stream_options.include_usage
+                                stream_options.include_usage, response_format {"type": "text"}; other fields are ignored
+    POST /v1/audio/transcriptions   multipart form: file (audio), model, response_format json | text | verbose_json,
+                                language; answers {"text": ...}
     GET  /v1/models             the one model, with its capabilities
-    GET  /health                status, capabilities (images, speech + reason), queue, limits
+    GET  /health                liveness; with the API key (or when none is set): capabilities, queue, limits
 Extensions to OpenAI's schema:
     - responses (and the first SSE chunk) carry "transcripts": [{"message": i, "part": j, "text": ...}], what
       Whisper heard in each input_audio part, so a client can show it under the recording;
@@ -22,38 +24,39 @@ Extensions to OpenAI's schema:
       said (the page does this for earlier turns, so a recording is transcribed once, not on every turn).
 Errors are OpenAI-shaped: {"error": {"message", "type", "param", "code"}} with a 4xx status.
 
-Requests take a place in a bounded queue for the model (--max_queue, generating + waiting); when it is full
-the server answers 429 at once. A client that goes away mid-stream closes the response, which closes the
-generator chain down to model.generate_stream, so the model is freed at the next token.
+A request is checked by counting first (parts, images, bytes of text against what the context can hold), then takes
+a place in a bounded queue (--max_queue, generating + waiting; 429 at once when it is full), and only then is the
+costly work done: base64, image headers and token counts, audio decoding and Whisper, images decoded one at a time
+and cut down to what the tower sees. Work stops for a client that has closed its connection, and a client that goes
+away mid-stream closes the generator chain down to model.generate_stream, so the model is freed at the next token.
 """
 
-import base64
-import binascii
 import hmac
-import io
 import ipaddress
 import json
 import logging
 import os
 import re
 import secrets
+import select
+import socket
 import sys
 import threading
 import time
-import urllib.request
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
 from flask import Flask, Response, jsonify, request, send_from_directory
 from werkzeug.exceptions import HTTPException
 
-from tokenizer import IMAGE_PLACEHOLDER, IMAGE_TOKEN_ID, encode_chat, speech_text
+from chat_api import (APIError, check_length, decode_base64, error_response, parse_chat_request, read_json,
+                      request_images, with_speech)
 
 ROOT = Path(__file__).resolve().parent
 STATIC = ROOT / "static"
 DEMO_MM, DEMO_LM = ROOT / "out/mm-demo/instruct/ckpt", ROOT / "out/lm-demo/ckpt"
 SHARED_WHISPER = ROOT.parent / "shared/models/whisper-tiny.en.pt"  # offline Whisper weights on the project's machines
-AUDIO_FORMATS = ("wav", "mp3", "webm", "ogg", "opus", "flac", "m4a", "mp4", "aac")
 log = logging.getLogger("omniphi.serve")
 
 
@@ -62,37 +65,27 @@ class ServeConfig:
     model: str = ""              # language model folder or hub id (default: the demo checkpoint of run.sh)
     mm: str = ""                 # multimodal checkpoint folder (mm_config.json, projector, adapter)
     whisper: str = ""            # Whisper name or .pt path (default: $OMNIPHI_WHISPER, then ../shared/models/...)
-    host: str = "127.0.0.1"
-    port: int = 8000
+    host: str = "127.0.0.1"  # address to listen on (beyond loopback needs --api_key)
+    port: int = 8000  # TCP port
     device: str = ""             # default: cuda if available, else cpu
     dtype: str = ""              # default: bfloat16 on cuda, float32 on cpu
     quantize: str = ""           # "", "nf4" or "int8"
     compile: bool = False        # decode with the torch.compile'd step (compiling takes a while, then decodes faster)
     api_key: str = ""            # require "Authorization: Bearer KEY" on /v1/* (required off loopback)
     allow_remote_images: bool = False  # fetch http(s) image URLs (off: only data: URIs are accepted)
+    allow_private_image_hosts: bool = False  # let remote image URLs reach private and loopback addresses (intranets)
     max_queue: int = 8           # requests generating or waiting for the model; more get 429
     max_body_mb: float = 25.0    # request body limit (413 beyond)
-    max_image_pixels: int = 16_000_000
+    max_image_pixels: int = 16_000_000  # largest image accepted, in pixels (width x height)
+    max_request_pixels: int = 64_000_000  # all images of a request together, in pixels
     max_images: int = 16         # per request, all turns together
-    max_audio_seconds: float = 120.0
+    max_audio_seconds: float = 120.0  # longest audio accepted per request, all parts together
+    max_audio_parts: int = 4     # audio parts to transcribe per request
     max_prompt_tokens: int = 0   # 0: the model's context length
     max_tokens: int = 512        # default answer length when a request gives none
     temperature: float = 0.7     # default when a request gives none
-
-
-class APIError(Exception):
-    def __init__(self, status, message, *, type="invalid_request_error", param=None, code=None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-
-    def response(self):
-        return error_response(self.status, self.message, type=self.type, param=self.param, code=self.code)
-
-
-def error_response(status, message, *, type="invalid_request_error", param=None, code=None):
-    response = jsonify({"error": {"message": message, "type": type, "param": param, "code": code}})
-    response.status_code = status
-    return response
+    max_connections: int = 64    # open client connections; more are answered 503 and closed
+    connection_timeout: float = 60.0  # seconds a connection may sit idle (or a read or write may stall)
 
 
 class Admission:
@@ -104,229 +97,56 @@ class Admission:
         self.limit, self.active, self.lock = limit, 0, threading.Lock()
 
     def enter(self):
+        """None when full, else the function that gives the place back (once, however often it is called)."""
         with self.lock:
             if self.active >= self.limit:
                 return None
             self.active += 1
-        return Ticket(self)
+        once = threading.Lock()
 
-    def leave(self):
-        with self.lock:
-            self.active -= 1
-
-
-class Ticket:
-    """One admitted request; leave() may be called any number of times, it counts once."""
-
-    def __init__(self, admission):
-        self.admission, self.left, self.lock = admission, False, threading.Lock()
-
-    def leave(self):
-        with self.lock:
-            if self.left:
-                return
-            self.left = True
-        self.admission.leave()
-
-
-@dataclass
-class ChatRequest:
-    messages: list          # [{"role", "content": str with <image> placeholders}], audio not yet transcribed
-    images: list            # image bytes in placeholder order
-    audio: list             # (message index, part index, bytes or None, transcript or None)
-    stream: bool
-    include_usage: bool
-    options: dict           # keyword arguments of ChatModel.stream
+        def leave():
+            if once.acquire(blocking=False):
+                with self.lock:
+                    self.active -= 1
+        return leave
 
 
 # -----------------------------------------------------------------------------
-# request parsing
+# images
 
-def parse_chat_request(body, cfg, context):
-    """Validate an OpenAI chat.completions body. Images and audio stay undecoded (they cost time)."""
-    if not isinstance(body, dict):
-        raise APIError(400, "the request body must be a JSON object")
-    raw_messages = body.get("messages")
-    if not isinstance(raw_messages, list) or not raw_messages:
-        raise APIError(400, "'messages' must be a non-empty list of messages", param="messages")
-    n = body.get("n", 1)
-    if n != 1:
-        raise APIError(400, "only n=1 is supported", param="n")
-    messages, images, audio = [], [], []
-    for i, m in enumerate(raw_messages):
-        where = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise APIError(400, f"{where} must be an object with 'role' and 'content'", param=where)
-        role = "system" if m.get("role") == "developer" else m.get("role")
-        if role not in ("system", "user", "assistant"):
-            raise APIError(400, f"{where}.role {m.get('role')!r} is not supported (use system, user or assistant)",
-                           param=f"{where}.role")
-        content = m.get("content")
-        if role == "assistant" and content is None:
-            content = ""
-        if isinstance(content, str):
-            messages.append({"role": role, "content": literal(content)})
-            continue
-        if not isinstance(content, list):
-            raise APIError(400, f"{where}.content must be a string or a list of content parts", param=f"{where}.content")
-        pieces = []
-        for j, part in enumerate(content):
-            p = f"{where}.content[{j}]"
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind == "text":
-                if not isinstance(part.get("text"), str):
-                    raise APIError(400, f"{p}.text must be a string", param=f"{p}.text")
-                pieces.append(literal(part["text"]))
-            elif kind in ("image_url", "input_audio") and role != "user":
-                raise APIError(400, f"{p}: {kind} parts are only allowed in user messages", param=p)
-            elif kind == "image_url":
-                images.append(parse_image_url(part.get("image_url"), p, cfg))
-                pieces.append(IMAGE_PLACEHOLDER)
-            elif kind == "input_audio":
-                audio.append((i, j, *parse_input_audio(part.get("input_audio"), p)))
-            else:
-                raise APIError(400, f"{p}: unsupported content part type {kind!r} (use text, image_url or input_audio)",
-                               param=f"{p}.type")
-        messages.append({"role": role, "content": "\n".join(pieces)})
-    if len(images) > cfg.max_images:
-        raise APIError(400, f"too many images: {len(images)} (the limit is {cfg.max_images} per request)",
-                       param="messages", code="too_many_images")
-    if messages[-1]["role"] != "user":
-        raise APIError(400, "the last message must be from the user", param="messages")
-
-    options = {"max_tokens": cfg.max_tokens, "temperature": cfg.temperature}
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    if max_tokens is not None:
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-            raise APIError(400, f"max_tokens must be a positive integer, not {max_tokens!r}", param="max_tokens")
-        options["max_tokens"] = min(max_tokens, context)
-    temperature = body.get("temperature")
-    if temperature is not None:
-        if not is_number(temperature) or not 0 <= temperature <= 2:
-            raise APIError(400, f"temperature must be a number from 0 to 2, not {temperature!r}", param="temperature")
-        options["temperature"] = float(temperature)
-    top_p = body.get("top_p")
-    if top_p is not None:
-        if not is_number(top_p) or not 0 < top_p <= 1:
-            raise APIError(400, f"top_p must be a number in (0, 1], not {top_p!r}", param="top_p")
-        options["top_p"] = float(top_p) if top_p < 1 else None
-    stop = body.get("stop")
-    if stop is not None:
-        stop = [stop] if isinstance(stop, str) else stop
-        if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
-            raise APIError(400, "stop must be a string or a list of up to 4 non-empty strings", param="stop")
-        options["stop"] = tuple(stop)
-    seed = body.get("seed")
-    if seed is not None:
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise APIError(400, f"seed must be an integer, not {seed!r}", param="seed")
-        options["seed"] = seed % 2**63
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise APIError(400, "stream must be true or false", param="stream")
-    stream_options = body.get("stream_options") or {}
-    if not isinstance(stream_options, dict):
-        raise APIError(400, "stream_options must be an object", param="stream_options")
-    return ChatRequest(messages, images, audio, stream, bool(stream_options.get("include_usage")), options)
+decoding = threading.Lock()
 
 
-def literal(text):
-    """Typed text as it is, except that a typed '<image>' must not open an image slot."""
-    return text.replace(IMAGE_PLACEHOLDER, "<image >")
-
-
-def is_number(x):
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def parse_image_url(image_url, where, cfg):
-    """An image_url part -> image bytes. data: URIs always; http(s) only with --allow_remote_images."""
-    url = image_url.get("url") if isinstance(image_url, dict) else image_url
-    if not isinstance(url, str) or not url:
-        raise APIError(400, f"{where}.image_url.url must be a data: URI string", param=f"{where}.image_url")
-    if url.startswith("data:"):
-        header, comma, payload = url.partition(",")
-        if not comma or not header.endswith(";base64"):
-            raise APIError(400, f"{where}: an image data URI must be base64 (data:image/png;base64,...)",
-                           param=f"{where}.image_url")
-        return decode_base64(payload, f"{where}.image_url")
-    if re.match(r"https?://", url, re.I):
-        if not cfg.allow_remote_images:
-            raise APIError(400, f"{where}: remote image URLs are refused by this server (send a data: URI, or start "
-                                "it with --allow_remote_images)", param=f"{where}.image_url", code="remote_images_disabled")
-        return fetch_image(url, int(cfg.max_body_mb * 2**20), where)
-    raise APIError(400, f"{where}: unsupported image URL scheme in {url[:40]!r} (use a data: URI)",
-                   param=f"{where}.image_url")
-
-
-def fetch_image(url, max_bytes, where):
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers={"User-Agent": "omniphi"}), timeout=10) as r:
-            data = r.read(max_bytes + 1)
-    except (OSError, ValueError) as err:
-        raise APIError(400, f"{where}: could not fetch the image at {url[:200]} ({err})", param=f"{where}.image_url")
-    if len(data) > max_bytes:
-        raise APIError(413, f"{where}: the image at {url[:200]} is larger than {max_bytes:,} bytes",
-                       param=f"{where}.image_url", code="image_too_large")
-    return data
-
-
-def parse_input_audio(input_audio, where):
-    """An input_audio part -> (audio bytes or None, transcript or None)."""
-    if not isinstance(input_audio, dict):
-        raise APIError(400, f"{where}.input_audio must be an object with 'data' (base64) and 'format'",
-                       param=f"{where}.input_audio")
-    fmt = input_audio.get("format")
-    if fmt is not None and (not isinstance(fmt, str) or fmt.lower() not in AUDIO_FORMATS):
-        raise APIError(400, f"{where}.input_audio.format {fmt!r} is not supported (use one of {', '.join(AUDIO_FORMATS)})",
-                       param=f"{where}.input_audio.format")
-    transcript = input_audio.get("transcript")
-    if transcript is not None:
-        if not isinstance(transcript, str):
-            raise APIError(400, f"{where}.input_audio.transcript must be a string", param=f"{where}.input_audio.transcript")
-        return None, transcript
-    data = input_audio.get("data")
-    if not isinstance(data, str) or not data:
-        raise APIError(400, f"{where}.input_audio.data must be base64-encoded audio", param=f"{where}.input_audio.data")
-    if data.startswith("data:"):
-        data = data.partition(",")[2]
-    return decode_base64(data, f"{where}.input_audio.data"), None
-
-
-def decode_base64(payload, param):
-    try:
-        data = base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError):
-        raise APIError(400, f"{param}: invalid base64 data", param=param) from None
-    if not data:
-        raise APIError(400, f"{param}: empty data", param=param)
-    return data
-
-
-# -----------------------------------------------------------------------------
-# images and speech
-
-def decode_image(data, max_pixels, index):
-    """Image bytes -> RGB PIL image, refusing non-images and images over max_pixels before decoding them."""
-    from PIL import Image, UnidentifiedImageError
-
+def decode_image(data, index, mm=None):
+    """Image bytes -> RGB PIL image, cut down at once to what the tower of `mm` (a MultimodalLM) sees."""
     from clip_encoder import load_image
     try:
-        with Image.open(io.BytesIO(data)) as probe:  # reads the header only
-            width, height = probe.size
-    except Image.DecompressionBombError as err:
-        raise APIError(413, f"image {index + 1} has too many pixels ({err})", code="image_too_large") from None
-    except (UnidentifiedImageError, OSError, ValueError):
-        raise APIError(400, f"image {index + 1} is not an image (or a format the server cannot read)",
-                       code="invalid_image") from None
-    if width * height > max_pixels:
-        raise APIError(413, f"image {index + 1} is {width}x{height} = {width * height:,} pixels; the limit is "
-                            f"{max_pixels:,}", code="image_too_large")
-    try:
-        return load_image(data)
+        image = load_image(data)
     except ValueError as err:
         raise APIError(400, f"image {index + 1}: {err}", code="invalid_image") from None
+    return image if mm is None else reduce_image(image, mm.processor, mm.pad_to_square)
 
+
+def reduce_image(image, processor, pad_to_square=False):
+    """The part of an image that preprocessing keeps, made with preprocessing's own steps, so that preprocessing the
+    result again gives the same pixel values: padded as the model pads, resized so the shorter side is shortest_edge
+    and cropped to the crop (or, when the crop is smaller than shortest_edge, to within a pixel of its centre)."""
+    from clip_encoder import MAX_RESIZED_PIXELS, expand_to_square, resize_and_crop
+    if pad_to_square:
+        image = expand_to_square(image, tuple(int(m * 255) for m in processor.image_mean))
+    edge, crop = processor.shortest_edge, processor.crop_size
+    if edge == crop:
+        return resize_and_crop(image, edge, crop, processor.resample)
+    w, h = image.size
+    new_w, new_h = (edge, int(edge * h / w)) if w <= h else (int(edge * w / h), edge)
+    if new_w * new_h > MAX_RESIZED_PIXELS:
+        return image
+    left, top = (new_w - edge) // 2, (new_h - edge) // 2  # an even cut each side keeps the crop's centre
+    return image.resize((new_w, new_h), resample=processor.resample).crop((left, top, new_w - left, new_h - top))
+
+
+# -----------------------------------------------------------------------------
+# speech, and clients that leave
 
 def speech_capability(chat):
     """(available, reason) for speech input with the chat model's Whisper."""
@@ -340,34 +160,97 @@ def speech_capability(chat):
         return False, f"Whisper is not usable: {err}"
 
 
-def transcribe_part(chat, data, max_seconds, where):
-    from audio import AudioError, NoSpeechError, WhisperUnavailableError, load_audio
+class ClientGone(APIError):
+    def __init__(self):
+        super().__init__(499, "the client closed the connection", code="client_closed")
+
+
+def client_gone(environ):
+    """True once the client of this request has closed its connection (the socket reads end-of-file)."""
+    sock = environ.get("werkzeug.socket")
+    if sock is None:
+        return False
     try:
-        return chat.transcribe(load_audio(data, max_seconds=max_seconds))  # refuses non-audio and over-long audio
-    except NoSpeechError:
-        raise APIError(400, f"{where}: no speech was heard in the audio", param=where, code="no_speech") from None
-    except AudioError as err:
-        code = "audio_too_long" if "longer than" in str(err) else "invalid_audio"
-        raise APIError(400, f"{where}: {err}", param=where, code=code) from None
-    except WhisperUnavailableError as err:
-        raise APIError(503, f"speech input is unavailable: {err}", type="server_error", code="speech_unavailable") from None
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+    except ValueError:  # a socket select cannot watch: assume the client is there
+        return False
+    except OSError:
+        return True
+
+
+watched = threading.local()  # .environ: the request whose thread is transcribing
+watched_lock = threading.Lock()
+
+
+def check_client(module, args):  # a forward pre-hook of Whisper's decoder
+    environ = getattr(watched, "environ", None)
+    if environ is not None and client_gone(environ):
+        raise ClientGone()
+
+
+def speech_error(where, err):
+    """The APIError for an error of audio.py, or None for any other."""
+    from audio import AudioError, NoSpeechError, WhisperUnavailableError
+    if isinstance(err, NoSpeechError):
+        return APIError(400, f"{where}: no speech was heard in the audio", param=where, code="no_speech")
+    if isinstance(err, AudioError):
+        return APIError(400, f"{where}: {err}", param=where, code="invalid_audio")
+    if isinstance(err, WhisperUnavailableError):
+        return APIError(503, f"speech input is unavailable: {err}", type="server_error", code="speech_unavailable")
+    return None
+
+
+def decode_audio(data, seconds, limit, where):
+    """Audio bytes -> 16 kHz samples, refused when longer than `seconds` (what is left of the request's `limit`)."""
+    from audio import AudioError, load_audio
+    if seconds > 0:
+        try:
+            return load_audio(data, max_seconds=seconds)
+        except AudioError as err:
+            if "longer than" not in str(err):
+                raise speech_error(where, err) from None
+    raise APIError(400, f"{where}: the audio is longer than the {limit:g} s limit of a request (max_audio_seconds, "
+                        "all parts together)", param=where, code="audio_too_long")
+
+
+def transcribe(chat, samples, where, full=False, language=None):
+    """Whisper's text for the samples (its Transcript if full). Whisper's decoder checks at every step whether the
+    client of this request is still there, and stops (ClientGone) when it is not."""
+    from audio import load_whisper, transcribe_full
+    watched.environ = request.environ
+    try:
+        model = load_whisper(getattr(chat, "whisper", None))  # the one chat.transcribe uses: loaded once, shared
+        with watched_lock:
+            if not getattr(model, "omniphi_watched", False):
+                model.decoder.register_forward_pre_hook(check_client)
+                model.omniphi_watched = True
+        return transcribe_full(samples, model, language=language) if full else chat.transcribe(samples)
+    except Exception as err:
+        raise (speech_error(where, err) or err) from None
+    finally:
+        watched.environ = None
 
 
 # -----------------------------------------------------------------------------
 # the app
 
 def create_app(chat, config=None):
-    """The Flask app around `chat`: a generate.ChatModel or any object with its interface (tokenizer, context,
-    vision, whisper, transcribe(audio), stream(messages, images, **options))."""
+    """The Flask app around `chat`: a multimodal.ChatModel or any object with its interface (tokenizer, context,
+    vision, whisper, transcribe(audio), stream(messages, images, **options); and mm, its MultimodalLM, if any)."""
     cfg = config or ServeConfig()
     app = Flask(__name__, static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = int(cfg.max_body_mb * 2**20)
     admission = Admission(cfg.max_queue)
     speech_ok, speech_reason = speech_capability(chat)
     images_ok = getattr(chat, "vision", None) is not None
+    mm = getattr(chat, "mm", None)
+    image_tokens = getattr(mm, "image_tokens", 0)
     model_id = model_name(cfg)
     context = chat.context
     max_prompt = min(cfg.max_prompt_tokens or context, context)
+    token_bytes = max(len(chat.tokenizer.decode_bytes([i])) for i in range(chat.tokenizer.vocab_size))
+    loopback_only = is_loopback(cfg.host)
 
     def capabilities():
         return {"text": True, "images": images_ok,
@@ -376,18 +259,28 @@ def create_app(chat, config=None):
 
     def limits():
         return {"max_body_bytes": app.config["MAX_CONTENT_LENGTH"], "max_image_pixels": cfg.max_image_pixels,
-                "max_images": cfg.max_images, "max_audio_seconds": cfg.max_audio_seconds,
+                "max_request_pixels": cfg.max_request_pixels, "max_images": cfg.max_images,
+                "max_audio_seconds": cfg.max_audio_seconds, "max_audio_parts": cfg.max_audio_parts,
                 "max_prompt_tokens": max_prompt, "context": context}
 
     app.extensions["omniphi"] = {"chat": chat, "config": cfg, "admission": admission, "capabilities": capabilities()}
 
+    def authorized():
+        given = request.headers.get("Authorization", "")
+        return not cfg.api_key or hmac.compare_digest(given.encode(), f"Bearer {cfg.api_key}".encode())
+
+    def busy():
+        return error_response(429, f"the server is busy ({admission.limit} requests are already running or queued); "
+                                   "try again shortly", type="rate_limit_error", code="server_busy")
+
     @app.before_request
-    def check_api_key():
-        if cfg.api_key and request.path.startswith("/v1/"):
-            given = request.headers.get("Authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {cfg.api_key}".encode()):
-                return error_response(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
-                                      type="authentication_error", code="invalid_api_key")
+    def check_host_and_key():
+        if loopback_only and not is_loopback(request.host):  # a page of another site, by DNS rebinding
+            return error_response(421, "this server answers only to loopback host names (localhost, 127.0.0.1, [::1])",
+                                  code="invalid_host")
+        if request.path.startswith("/v1/") and not authorized():
+            return error_response(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                                  type="authentication_error", code="invalid_api_key")
 
     @app.after_request
     def security_headers(response):
@@ -421,6 +314,8 @@ def create_app(chat, config=None):
 
     @app.get("/health")
     def health():
+        if not authorized():  # liveness only: the details name files on this machine
+            return jsonify({"status": "ok", "auth": True})
         return jsonify({"status": "ok", "model": model_id, "capabilities": capabilities(), "limits": limits(),
                         "queue": {"active": admission.active, "max": admission.limit}, "auth": bool(cfg.api_key)})
 
@@ -430,58 +325,107 @@ def create_app(chat, config=None):
                                                     "owned_by": "omniphi", "capabilities": capabilities(),
                                                     "context_length": context}]})
 
+    @app.post("/v1/audio/transcriptions")
+    def transcriptions():
+        if request.mimetype != "multipart/form-data":
+            return error_response(415, "send a multipart/form-data form with the audio as 'file'",
+                                  code="unsupported_media_type")
+        upload, fmt = request.files.get("file"), request.form.get("response_format", "json")  # 413 past the limit
+        if fmt not in ("json", "text", "verbose_json"):
+            return error_response(400, f"response_format {fmt[:20]!r} is not supported (use json, text or "
+                                       "verbose_json)", param="response_format")
+        if upload is None:
+            return error_response(400, "the form has no 'file' field with the audio", param="file")
+        if not speech_ok:
+            return error_response(400, f"speech input is unavailable on this server: {speech_reason}",
+                                  code="speech_unavailable")
+        leave = admission.enter()
+        if leave is None:
+            return busy()
+        try:
+            samples = decode_audio(upload.read(), cfg.max_audio_seconds, cfg.max_audio_seconds, "file")
+            heard = transcribe(chat, samples, "file", full=True, language=request.form.get("language") or None)
+        except APIError as err:
+            return err.response()
+        except ValueError as err:  # an unknown language
+            return error_response(400, str(err), param="language")
+        finally:
+            leave()
+        if fmt == "text":
+            return Response(heard.text + "\n", mimetype="text/plain")
+        if fmt == "json":
+            return jsonify({"text": heard.text})
+        from whisper.tokenizer import LANGUAGES
+        return jsonify({"task": "transcribe", "language": LANGUAGES.get(heard.language, heard.language),
+                        "duration": heard.duration, "text": heard.text, "segments": []})
+
     @app.post("/v1/chat/completions")
     def chat_completions():
         if not request.is_json:
             return error_response(415, "Content-Type must be application/json", code="unsupported_media_type")
-        body = request.get_json(silent=True)
-        if body is None:
-            return error_response(400, "the request body is not valid JSON", code="invalid_json")
         try:
-            req = parse_chat_request(body, cfg, context)
+            data = request.get_data(cache=False)
+            if len(data) >= app.config["MAX_CONTENT_LENGTH"]:
+                request.stream.read(1)  # a chunked body is cut at the limit: reading on past it raises the 413
+            req = parse_chat_request(read_json(data), cfg, max_prompt=max_prompt, image_tokens=image_tokens,
+                                     token_bytes=token_bytes)
+            del data  # the body lives on only in what req keeps of it
             if req.images and not images_ok:
                 raise APIError(400, "this model cannot see images: it has no vision tower (start the server with "
                                     "--mm=CKPT)", param="messages", code="images_unsupported")
             if any(data is not None for _, _, data, _ in req.audio) and not speech_ok:
                 raise APIError(400, f"speech input is unavailable on this server: {speech_reason}",
                                param="messages", code="speech_unavailable")
-            try:
-                text_ids, _ = encode_chat(chat.tokenizer, req.messages)
-            except ValueError as err:
-                raise APIError(400, str(err), param="messages") from None
-            n_text = sum(t != IMAGE_TOKEN_ID for t in text_ids)
-            if n_text >= max_prompt:
-                raise APIError(400, f"the conversation is {n_text} tokens; the limit is {max_prompt - 1} "
-                                    "(shorten it or start a new chat)", param="messages", code="context_length_exceeded")
         except APIError as err:
             return err.response()
-        ticket = admission.enter()
-        if ticket is None:
-            return error_response(429, f"the server is busy ({admission.limit} requests are already running or "
-                                       "queued); try again shortly", type="rate_limit_error", code="server_busy")
+        leave = admission.enter()
+        if leave is None:
+            return busy()
         try:
-            return answer(req, ticket)
+            return answer(req, leave)
         except APIError as err:
-            ticket.leave()
+            leave()
+            if isinstance(err, ClientGone):
+                log.info("client left before its answer; its request was dropped")
             return err.response()
         except BaseException:
-            ticket.leave()
+            leave()
             raise
 
-    def answer(req, ticket):
-        transcripts, spoken = [], {}
-        for i, j, data, transcript in req.audio:
+    def answer(req, leave):
+        """The costly part of a request, in order of cost, each step refusing what it can before the next."""
+        def stop_if_gone():
+            if client_gone(request.environ):
+                raise ClientGone()
+
+        images = request_images(req, cfg, app.config["MAX_CONTENT_LENGTH"])  # bytes, sizes checked from headers
+        check_length(chat.tokenizer, with_speech(req.messages, req.audio), len(images), image_tokens, max_prompt)
+        budget, samples = cfg.max_audio_seconds, {}
+        for k, (i, j, data, _) in enumerate(req.audio):  # all decoded first: audio over the limit costs no Whisper time
             if data is not None:
-                transcript = transcribe_part(chat, data, cfg.max_audio_seconds, f"messages[{i}].content[{j}]")
-            transcripts.append({"message": i, "part": j, "text": transcript})
-            spoken.setdefault(i, []).append(transcript)
-        messages = [dict(m) for m in req.messages]
-        for i, heard in spoken.items():
-            for transcript in heard:
-                messages[i]["content"] = speech_text(transcript, messages[i]["content"])
-        images = [decode_image(data, cfg.max_image_pixels, k) for k, data in enumerate(req.images)]
+                where = f"messages[{i}].content[{j}]"
+                samples[k] = decode_audio(decode_base64(data, f"{where}.input_audio.data"), budget,
+                                          cfg.max_audio_seconds, where)
+                budget -= len(samples[k]) / 16000
+        heard = []
+        for k, (i, j, _, transcript) in enumerate(req.audio):
+            if k in samples:
+                stop_if_gone()
+                transcript = transcribe(chat, samples.pop(k), f"messages[{i}].content[{j}]")
+            heard.append((i, j, None, transcript))
+        messages = with_speech(req.messages, heard)
+        if any(data is not None for _, _, data, _ in req.audio):
+            check_length(chat.tokenizer, messages, len(images), image_tokens, max_prompt)
+        transcripts = [{"message": i, "part": j, "text": t} for i, j, _, t in heard]
+        decoded = []
+        for k in range(len(images)):
+            stop_if_gone()
+            with decoding:  # one image at a time across requests too: the peak is one image, however many wait
+                decoded.append(decode_image(images[k], k, mm))
+            images[k] = None  # its bytes are not needed any more
+        stop_if_gone()
         usage = {}
-        pieces = chat.stream(messages, images, usage=usage, **req.options)
+        pieces = chat.stream(messages, decoded, usage=usage, **req.options)
         try:
             first = next(pieces, None)  # waits for the model; prompt errors surface here as clean 400s
         except ValueError as err:
@@ -499,24 +443,27 @@ def create_app(chat, config=None):
 
         if not req.stream:
             try:
-                text = "" if first is None else first + "".join(pieces)
+                text = [] if first is None else [first]
+                for piece in pieces:
+                    text.append(piece)
+                    stop_if_gone()
             finally:
                 pieces.close()
-                ticket.leave()
+                leave()
             return jsonify({"id": completion_id, "object": "chat.completion", "created": created, "model": model_id,
-                            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)},
                                          "finish_reason": usage.get("finish_reason", "stop")}],
                             "usage": usage_json(), "transcripts": transcripts})
 
         def chunk(delta, finish_reason=None, **extra):
             choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish_reason}]
             payload = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model_id,
-                       "choices": choices, **extra}
+                       "choices": choices, **({"usage": None} if req.include_usage else {}), **extra}
             return f"data: {json.dumps(payload)}\n\n"
 
         def release():
             pieces.close()
-            ticket.leave()
+            leave()
 
         def events():
             # The finally frees the model even when the server drops the stream without closing it (werkzeug
@@ -554,6 +501,33 @@ def model_name(cfg):
     return (cfg.mm or cfg.model).rstrip("/") or "omniphi"
 
 
+def make_server(app, cfg):
+    """werkzeug's threaded server, with a timeout on every connection and at most cfg.max_connections open."""
+    from werkzeug.serving import ThreadedWSGIServer, WSGIRequestHandler
+
+    class Handler(WSGIRequestHandler):
+        timeout = cfg.connection_timeout
+
+    class Server(ThreadedWSGIServer):
+        slots = threading.BoundedSemaphore(cfg.max_connections)
+
+        def process_request(self, connection, client_address):
+            if not self.slots.acquire(blocking=False):  # full: say so without starting a thread, and close
+                connection.setblocking(False)
+                with suppress(OSError):
+                    connection.send(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                return self.shutdown_request(connection)
+            super().process_request(connection, client_address)
+
+        def process_request_thread(self, connection, client_address):
+            try:
+                super().process_request_thread(connection, client_address)
+            finally:
+                self.slots.release()
+
+    return Server(cfg.host, cfg.port, app, handler=Handler)
+
+
 # -----------------------------------------------------------------------------
 # command line
 
@@ -574,31 +548,30 @@ def resolve_defaults(cfg):
                          "model. Pass --api_key=SECRET (clients send 'Authorization: Bearer SECRET') or bind 127.0.0.1")
     if cfg.quantize not in ("", "nf4", "int8"):
         raise SystemExit(f"--quantize must be nf4 or int8, not {cfg.quantize!r}")
-    if cfg.max_queue < 1:
-        raise SystemExit("--max_queue must be at least 1")
+    if cfg.max_queue < 1 or cfg.max_connections < 1:
+        raise SystemExit("--max_queue and --max_connections must be at least 1")
     return cfg
 
 
 def is_loopback(host):
-    if host == "localhost":
-        return True
+    """Whether a host ('localhost', '127.0.0.1', '::1') or a Host header ('localhost:8000', '[::1]:80') is loopback."""
+    name = re.sub(r"^\[(.*)\](:\d*)?$|^([^:]*):\d*$", r"\1\3", host or "").lower()
     try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
+        return name == "localhost" or ipaddress.ip_address(name).is_loopback
     except ValueError:
         return False
 
 
 def main(argv):
-    import torch
-
-    from generate import ChatModel
-    from train_lm import parse_config
+    from common import fail, parse_config, resolve_device, return_freed_memory
+    from multimodal import ChatModel
 
     try:
-        cfg = resolve_defaults(parse_config(ServeConfig, argv))
+        cfg = resolve_defaults(parse_config(ServeConfig, argv, doc=__doc__))
+        device = str(resolve_device(cfg.device or "auto"))
     except ValueError as err:
-        raise SystemExit(f"error: {err}")
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        fail("serve.py", err)
+    return_freed_memory()  # decoded images and their features go back to the system after each request
     dtype = cfg.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     print(f"loading {cfg.mm or cfg.model} on {device} ({dtype}{', ' + cfg.quantize if cfg.quantize else ''}) ...",
@@ -607,13 +580,15 @@ def main(argv):
         chat = ChatModel(cfg.model or None, mm=cfg.mm or None, device=device, dtype=dtype,
                          quantize=cfg.quantize or None, whisper=cfg.whisper or None, compile=cfg.compile)
     except (ValueError, FileNotFoundError) as err:
-        raise SystemExit(f"error: {err}")
+        fail("serve.py", err)
     app = create_app(chat, cfg)
     caps = app.extensions["omniphi"]["capabilities"]
     print(f"images: {'yes' if caps['images'] else 'no'}; speech: {'yes' if caps['speech'] else 'no'} "
           f"({caps['speech_reason']})", file=sys.stderr)
-    print(f"chat on http://{cfg.host}:{cfg.port}/  (API: http://{cfg.host}:{cfg.port}/v1)", file=sys.stderr)
-    app.run(host=cfg.host, port=cfg.port, threaded=True)
+    server = make_server(app, cfg)
+    print(f"chat on http://{cfg.host}:{server.server_port}/  (API: http://{cfg.host}:{server.server_port}/v1)",
+          file=sys.stderr)
+    server.serve_forever()  # until Ctrl-C
 
 
 if __name__ == "__main__":

@@ -6,8 +6,10 @@ ids 50257-50286 are runs of 31 ... 2 spaces and 50287-50294 runs of 9 ... 2 tabs
 those runs are split out greedily, longest first, before BPE sees the text.
 """
 
+import hashlib
 import os
 import re
+import struct
 
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
@@ -17,6 +19,8 @@ EOS = "<|endoftext|>"
 IMAGE_TOKEN_ID = -200  # stands for an image's projected features in a token id list (LLaVA's convention)
 IMAGE_PLACEHOLDER = "<image>"
 SPEECH_MARKER = "(spoken) "
+
+FINGERPRINT_PROBE = "def f(x):\n\tif x:\n\t\t\treturn  x  # é 中文 🙂 don't\n" + " " * 40 + "end" + EOS
 
 WHITESPACE_TOKENS = {" " * n: 50257 + 31 - n for n in range(31, 1, -1)}
 WHITESPACE_TOKENS.update({"\t" * n: 50287 + 9 - n for n in range(9, 1, -1)})
@@ -80,6 +84,12 @@ class StreamDecoder:
             return ""
         piece, self.emitted = text[self.emitted:], len(text)
         return piece
+
+
+def tokenizer_fingerprint(tokenizer):
+    """A short hash of how the tokenizer encodes a fixed probe; token data made by another tokenizer has another one."""
+    ids = tokenizer.encode(FINGERPRINT_PROBE)
+    return hashlib.sha256(struct.pack(f"<{len(ids)}q", *ids)).hexdigest()[:16]
 
 
 def speech_text(transcript, typed=""):

@@ -6,7 +6,6 @@ the ffmpeg program. Same Whisper weights, same espeak-ng clip as WAV, browser-st
     python bench/bench_audio.py [--whisper=path/to/whisper-tiny.en.pt] [--repeats=3] [--device=cpu]
 """
 
-import argparse
 import io
 import os
 import re
@@ -16,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import av
@@ -25,6 +25,17 @@ import whisper
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import audio  # noqa: E402
+from common import parse_config  # noqa: E402
+
+
+SHARED_WHISPER = Path(__file__).resolve().parents[2] / "shared/models/whisper-tiny.en.pt"
+
+
+@dataclass
+class BenchConfig:
+    whisper: str = os.environ.get("OMNIPHI_WHISPER", str(SHARED_WHISPER))  # Whisper name or .pt file
+    repeats: int = 3  # interleaved runs of each path; the median counts
+    device: str = "cpu"  # cpu | cuda | cuda:N
 
 SENTENCES = [
     "Please open the window and let some fresh air into the room.",
@@ -72,12 +83,7 @@ def measure(fn):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    default_weights = Path(__file__).resolve().parents[2] / "shared/models/whisper-tiny.en.pt"
-    parser.add_argument("--whisper", default=os.environ.get("OMNIPHI_WHISPER", str(default_weights)))
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", default="cpu")
-    args = parser.parse_args()
+    args = parse_config(BenchConfig, sys.argv[1:], doc=__doc__)
 
     workdir = Path(tempfile.mkdtemp(prefix="bench_audio_"))
     wav = workdir / "speech.wav"

@@ -9,21 +9,23 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from clip_encoder import CLIPVision, CLIPVisionConfig, resolve_dtype  # noqa: E402
+from common import parse_config  # noqa: E402
 
 
-def parse_args(argv, **defaults):
-    for arg in argv:
-        key, sep, value = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or not sep or key not in defaults:
-            raise SystemExit(f"unknown or malformed option {arg!r}; options: "
-                             + " ".join(f"--{k}={v}" for k, v in defaults.items()))
-        defaults[key] = type(defaults[key])(value)
-    return defaults
+@dataclass
+class BenchConfig:
+    preset: str = "clip-vit-base-patch16"  # clip_encoder preset of the random tower
+    batch_size: int = 8  # images per forward
+    warmup: int = 1  # untimed runs first
+    reps: int = 5  # timed runs of each, interleaved; the best counts
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    device: str = "cpu"  # cpu | cuda | cuda:N
 
 
 def sync(x):
@@ -47,8 +49,7 @@ def race(fn_a, fn_b, x, warmup, reps):
 
 
 def main():
-    args = parse_args(sys.argv[1:], preset="clip-vit-base-patch16", batch_size=8, warmup=1, reps=5,
-                      dtype="float32", device="cpu")
+    args = vars(parse_config(BenchConfig, sys.argv[1:], doc=__doc__))
     from transformers import CLIPVisionModel  # the baseline only
 
     dtype, device = resolve_dtype(args["dtype"]), args["device"]

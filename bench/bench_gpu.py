@@ -7,17 +7,20 @@ with the forward compiled); prefill tokens/s;
 training MFU (bf16, seq 2048); QLoRA peak GPU memory. Writes a markdown table and JSON to --out.
 """
 
-import argparse
 import gc
 import json
 import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from common import parse_config  # noqa: E402
+from decoding import CompiledDecoder, speed_up  # noqa: E402
+from lora import quantizer  # noqa: E402
 from model import Phi, PhiConfig  # noqa: E402
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}
@@ -52,9 +55,9 @@ def weight_bytes(model):
     return total - model.model.embed_tokens.weight.numel() * model.model.embed_tokens.weight.element_size()
 
 
-def decode_rate(model, prompt, new, compile=None):
+def decode_rate(model, prompt, new, decoder=None):
     """Tokens/s of decoding alone: (time for 1 + new tokens - time for the first) / new."""
-    return rate_without_prefill(lambda n: model.generate(prompt, n, temperature=0, eos_id=None, compile=compile), new)
+    return rate_without_prefill(lambda n: model.generate(prompt, n, temperature=0, eos_id=None, decoder=decoder), new)
 
 
 def rate_without_prefill(generate, new):
@@ -68,13 +71,16 @@ def transformers_decode_rate(ckpt, dtype, device, prompt, new, **options):
                                                        pad_token_id=0, **options), new)
 
 
+@dataclass
+class BenchConfig:
+    out: str = os.environ.get("OUT", "out/bench-gpu")  # folder for gpu_bench.md and gpu_bench.json
+    smoke: bool = False  # tiny model, any device: checks the script runs
+    new: int = 256  # new tokens per decode measurement
+    skip: str = ""  # comma list of sections to skip: hf,nf4,int8,train,qlora,compile
+
+
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=os.environ.get("OUT", "out/bench-gpu"))
-    ap.add_argument("--smoke", action="store_true", help="tiny model, any device: checks the script runs")
-    ap.add_argument("--new", type=int, default=256)
-    ap.add_argument("--skip", default="", help="comma list of sections to skip: hf,nf4,int8,train,qlora,compile")
-    args = ap.parse_args()
+    args = parse_config(BenchConfig, sys.argv[1:], doc=__doc__)
     skip = set(filter(None, args.skip.split(",")))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16
@@ -110,7 +116,7 @@ def main():
     with torch.device(device):
         model = Phi(config).to(dtype)
     model.save_pretrained(ckpt)
-    model.eval()
+    speed_up(model.eval())
     prompt = torch.randint(0, 50000, (1, 32), device=device)
 
     limit = bandwidth / weight_bytes(model)
@@ -119,7 +125,7 @@ def main():
     row("bf16 decode tok/s, eager", round(rate, 1), f"{rate / limit:.0%} of limit")
     if "compile" not in skip:
         mode = "reduce-overhead" if device == "cuda" else "default"
-        rate = decode_rate(model, prompt, new, compile=mode)
+        rate = decode_rate(model, prompt, new, CompiledDecoder(model, mode))
         row("bf16 decode tok/s, compiled", round(rate, 1), f"{rate / limit:.0%} of limit ({mode})")
         model.clear_cache()
     long_prompt = torch.randint(0, 50000, (1, min(1024, config.max_position_embeddings)), device=device)
@@ -137,7 +143,7 @@ def main():
     for kind in ("nf4", "int8"):
         if kind in skip:
             continue
-        q = Phi.from_pretrained(ckpt, dtype=dtype, device=device, quantize=kind)
+        q = speed_up(Phi.from_pretrained(ckpt, dtype=dtype, device=device, quantize=quantizer(kind)))
         wb = weight_bytes(q)
         rate = decode_rate(q, prompt, new)
         row(f"{kind} decode tok/s", round(rate, 1), f"{wb / 1e9:.2f} GB of weights; limit {bandwidth / wb:.0f} tok/s")
@@ -173,7 +179,7 @@ def main():
         from lora import apply_lora
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        model = Phi.from_pretrained(ckpt, dtype=dtype, device=device, quantize="nf4")
+        model = Phi.from_pretrained(ckpt, dtype=dtype, device=device, quantize=quantizer("nf4"))
         model.config.gradient_checkpointing = True
         apply_lora(model, r=64, alpha=16)
         model.train()
@@ -192,14 +198,14 @@ def main():
     for kind in ("int8", "nf4"):  # last: they only add to the rows above
         if "compile" in skip or kind in skip:
             continue
-        q = Phi.from_pretrained(ckpt, dtype=dtype, device=device, quantize=kind)
+        q = Phi.from_pretrained(ckpt, dtype=dtype, device=device, quantize=quantizer(kind))
         mode = "reduce-overhead" if device == "cuda" else "default"
         try:
-            q.compiled_decode_step(mode)
+            decoder = CompiledDecoder(q, mode)
         except ValueError as err:  # NF4 compiles only with bitsandbytes' CPU kernel
             row(f"{kind} decode tok/s, compiled", None, str(err).split(":")[0])
             continue
-        rate = decode_rate(q, prompt, new, compile=mode)
+        rate = decode_rate(q, prompt, new, decoder)
         row(f"{kind} decode tok/s, compiled", round(rate, 1), f"limit {bandwidth / weight_bytes(q):.0f} tok/s ({mode})")
         del q
         gc.collect()

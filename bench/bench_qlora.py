@@ -26,18 +26,19 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lora import QuantizedLinear, apply_lora, lora_parameters  # noqa: E402
 from model import Phi, PhiConfig  # noqa: E402
-from train_lm import parse_config  # noqa: E402
+from common import parse_config, return_freed_memory  # noqa: E402
+from lora import quantizer  # noqa: E402
 
 GB = 1e9
 
 
 @dataclass
 class BenchConfig:
-    dir: str = "/tmp/omniphi-phi2-random"
-    seq_len: int = 512
-    r: int = 64
+    dir: str = "/tmp/omniphi-phi2-random"  # where the random Phi-2-size checkpoint is written once
+    seq_len: int = 512  # tokens in the one measured training step
+    r: int = 64  # LoRA rank
     baseline: bool = True  # also run the same step over a bf16 base
-    malloc_default: bool = False
+    malloc_default: bool = False  # keep glibc's default malloc thresholds (the peak then includes freed blocks glibc keeps)
     child: str = ""  # internal: "nf4" | "none" runs one measured step in this process
 
 
@@ -101,7 +102,7 @@ def run_step(folder, quantize, seq_len, r):
     torch.manual_seed(0)
     rss_start = rss("VmRSS")
     t0 = time.time()
-    model = Phi.from_pretrained(folder, dtype=torch.bfloat16, quantize=quantize)
+    model = Phi.from_pretrained(folder, dtype=torch.bfloat16, quantize=quantizer(quantize))
     load_s, rss_loaded, load_peak = time.time() - t0, rss("VmRSS"), rss()
     apply_lora(model, r=r, alpha=16, dropout=0.05)
     model.config.gradient_checkpointing = True
@@ -143,21 +144,21 @@ def run_step(folder, quantize, seq_len, r):
 
 
 def child(folder, quantize, seq_len, r, malloc_default=False):
-    cmd = [sys.executable, __file__, f"--dir={folder}", f"--seq_len={seq_len}", f"--r={r}", f"--child={quantize}"]
-    env = dict(os.environ)
-    if not malloc_default:
-        # glibc raises its mmap threshold to the size of each big block freed (up to 32 MB), after which the
-        # per-call dequantized weights and activations are carved from heaps it never gives back: on this step
-        # that is ~1.8 GB of RSS. A fixed 1 MB threshold hands every big block straight back to the OS.
-        env.setdefault("MALLOC_MMAP_THRESHOLD_", str(2**20))
-    out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True, env=env).stdout
+    cmd = [sys.executable, __file__, f"--dir={folder}", f"--seq_len={seq_len}", f"--r={r}", f"--child={quantize}",
+           f"--malloc_default={malloc_default}"]
+    out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
 def main():
-    args = parse_config(BenchConfig, sys.argv[1:])
+    args = parse_config(BenchConfig, sys.argv[1:], doc=__doc__)
     folder = Path(args.dir)
     if args.child:
+        if not args.malloc_default:
+            # what train_mm.py and train_lm.py do first: glibc would otherwise raise its mmap threshold to the size
+            # of each big block freed (up to 32 MB) and carve the per-call dequantized weights and activations from
+            # heaps it never gives back (~1.8 GB of RSS on this step)
+            return_freed_memory()
         print(json.dumps(run_step(folder, None if args.child == "none" else args.child, args.seq_len, args.r)))
         return
     if not (folder / "config.json").is_file():
@@ -191,7 +192,7 @@ def main():
     verdict = "met" if q["rss_peak"] <= target * GB else "MISSED"
     print(f"\nTarget QLoRA peak RSS <= {target} GB: {verdict} ({q['rss_peak'] / GB:.2f} GB, of which {q['rss_start'] / GB:.2f} GB "
           f"is the process after importing torch and bitsandbytes; glibc malloc "
-          f"{'default' if args.malloc_default else 'with MALLOC_MMAP_THRESHOLD_=1 MiB'}; {torch.get_num_threads()} threads)")
+          f"{'default' if args.malloc_default else 'with the trainers M_MMAP_THRESHOLD of 1 MiB'}; {torch.get_num_threads()} threads)")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from generate import ChatModel, parse_args  # noqa: E402
+from common import parse_config  # noqa: E402
+from multimodal import ChatModel  # noqa: E402
 from model import Phi, PhiConfig  # noqa: E402
 from serve import ServeConfig, create_app  # noqa: E402
 
@@ -31,9 +32,9 @@ MESSAGES = [{"role": "system", "content": "You are a helpful assistant."},
 @dataclass
 class BenchConfig:
     preset: str = "demo"     # PhiConfig preset of the random model
-    max_tokens: int = 64
+    max_tokens: int = 64  # new tokens per answer
     requests: int = 16       # answers per measurement (spread over the clients)
-    seed: int = 0
+    seed: int = 0  # seeds the random model
 
 
 def direct_request(chat, max_tokens):
@@ -96,7 +97,7 @@ def row(name, clients, results, wall, baseline=None):
 
 
 def main(argv):
-    cfg = parse_args(BenchConfig, argv)
+    cfg = parse_config(BenchConfig, argv, doc=__doc__)
     torch.manual_seed(cfg.seed)
     with tempfile.TemporaryDirectory() as tmp:
         Phi(PhiConfig.from_preset(cfg.preset)).save_pretrained(tmp)

@@ -1,6 +1,7 @@
 /*
  * omniphi chat page. Conversations live in localStorage; every answer is streamed from the server's
- * OpenAI-compatible /v1/chat/completions (the same API any client uses). Model output is rendered by a small
+ * OpenAI-compatible /v1/chat/completions (the same API any client uses), and the microphone dictates into the
+ * message box through /v1/audio/transcriptions, so the transcript can be checked before it is sent. Model output is rendered by a small
  * Markdown renderer that escapes everything first, so it can never inject HTML or script.
  */
 "use strict";
@@ -30,6 +31,7 @@ const state = {
   limits: { max_body_bytes: 25 * 2 ** 20, max_audio_seconds: MAX_RECORD_SECONDS, max_images: 16 },
   streaming: null,                        // {controller, conversation, message}
   recorder: null,
+  dictating: false,                       // a recording is being transcribed into the composer
 };
 
 // ---------------------------------------------------------------------------
@@ -40,15 +42,17 @@ function escapeHtml(text) {
 }
 
 function renderInline(escaped) {
+  // finished spans are held aside as \u0000N\u0000 (the source has no NULs) so that later patterns cannot reach into
+  // them; URLs never take a NUL, and a hold inside a hold (a code span in a link label) is put back too
   const held = [];
   const hold = (html) => `\u0000${held.push(html) - 1}\u0000`;
   let s = escaped.replace(/`([^`\n]+)`/g, (_, code) => hold(`<code>${code}</code>`));
-  s = s.replace(/\[([^\]\n]+)\]\((https?:\/\/[^\s()]+)\)/g, (_, label, url) =>
+  s = s.replace(/\[([^\]\n]+)\]\((https?:\/\/[^\s()\u0000]+)\)/g, (_, label, url) =>
     hold(`<a href="${url}" target="_blank" rel="noopener noreferrer nofollow">${emphasis(label)}</a>`));
-  s = s.replace(/(^|[\s(])(https?:\/\/(?:(?!&quot;|&#39;|&lt;|&gt;)[^\s()])*[^\s().,;:!?&])/g, (_, lead, url) =>
-    lead + hold(`<a href="${url}" target="_blank" rel="noopener noreferrer nofollow">${url}</a>`));
-  s = emphasis(s);
-  return s.replace(/\u0000(\d+)\u0000/g, (_, i) => held[Number(i)]);
+  s = s.replace(/(^|[\s(])(https?:\/\/(?:(?!&quot;|&#39;|&lt;|&gt;)[^\s()\u0000])*[^\s().,;:!?&\u0000])/g,
+    (_, lead, url) => lead + hold(`<a href="${url}" target="_blank" rel="noopener noreferrer nofollow">${url}</a>`));
+  const restore = (text) => text.replace(/\u0000(\d+)\u0000/g, (_, i) => restore(held[Number(i)]));
+  return restore(emphasis(s));
 }
 
 function emphasis(s) {
@@ -326,7 +330,7 @@ function renderCapabilities() {
   ui.attachAudio.title = caps.speech ? "Upload an audio file" : `Speech is unavailable: ${caps.speech_reason}`;
   ui.record.disabled = !recordable;
   ui.record.title = !caps.speech ? `Speech is unavailable: ${caps.speech_reason}`
-    : recordable ? "Record with the microphone" : "This browser cannot record audio here (needs MediaRecorder and a secure origin)";
+    : recordable ? "Dictate with the microphone (the text appears here before it is sent)" : "This browser cannot record audio here (needs MediaRecorder and a secure origin)";
   ui.footnote.querySelectorAll(".off").forEach((n) => n.remove());
   if (!caps.speech) ui.footnote.append(el("span", "off", `Speech input is off: ${caps.speech_reason}`));
 }
@@ -340,7 +344,7 @@ function notify(message) {
 
 function updateComposer() {
   const hasContent = ui.input.value.trim() || state.pending.images.length || state.pending.audio;
-  ui.send.disabled = !hasContent || Boolean(state.streaming) || Boolean(state.recorder);
+  ui.send.disabled = !hasContent || Boolean(state.streaming) || Boolean(state.recorder) || state.dictating;
   ui.send.hidden = Boolean(state.streaming);
   ui.stop.hidden = !state.streaming;
   ui.input.style.height = "auto";
@@ -419,17 +423,33 @@ function deleteConversation(id) {
 // ---------------------------------------------------------------------------
 // talking to the server
 
-function apiHeaders() {
-  const headers = { "Content-Type": "application/json" };
+function authHeader() {
   const key = localStorage.getItem(API_KEY_KEY);
-  if (key) headers.Authorization = `Bearer ${key}`;
-  return headers;
+  return key ? { Authorization: `Bearer ${key}` } : {};
+}
+
+async function authorizedFetch(url, options, retried = false) {
+  // a 401 asks for the server's key once, then tries again with it
+  const response = await fetch(url, { ...options, headers: { ...options.headers, ...authHeader() } });
+  if (response.status !== 401 || retried) return response;
+  const key = window.prompt("This server needs an API key (start serve.py with --api_key to set one):");
+  if (!key) return response;
+  localStorage.setItem(API_KEY_KEY, key.trim());
+  loadCapabilities();
+  return authorizedFetch(url, options, true);
 }
 
 async function loadCapabilities() {
   try {
-    const response = await fetch("/health");
+    const response = await fetch("/health", { headers: authHeader() });
     const health = await response.json();
+    if (!health.capabilities) {  // a server with an API key tells only that it is alive until it gets the key
+      const reason = "this server needs an API key: send a message to enter it";
+      state.capabilities = { images: false, speech: false, images_reason: reason, speech_reason: reason };
+      ui.modelName.textContent = "API key needed";
+      renderCapabilities();
+      return;
+    }
     state.capabilities = health.capabilities;
     state.limits = { ...state.limits, ...health.limits };
     ui.modelName.textContent = health.model;
@@ -479,7 +499,7 @@ async function errorMessage(response) {
 }
 
 async function send() {
-  if (state.streaming || state.recorder) return;
+  if (state.streaming || state.recorder || state.dictating) return;
   const text = ui.input.value.trim();
   const { images, audio } = state.pending;
   if (!text && !images.length && !audio) return;
@@ -508,7 +528,7 @@ function messageId() {
   return `m${Date.now().toString(36)}${Math.random().toString(36).slice(2, 7)}`;
 }
 
-async function stream(conversation, userIndex, answer, retried = false) {
+async function stream(conversation, userIndex, answer) {
   const controller = new AbortController();
   state.streaming = { controller, conversation, message: answer };
   updateComposer();
@@ -518,16 +538,9 @@ async function stream(conversation, userIndex, answer, retried = false) {
   const body = { model: "omniphi", stream: true, messages: wire.map(({ role, content }) => ({ role, content })) };
   const show = () => { if (state.currentId === conversation.id) scheduleUpdate(answer); };
   try {
-    const response = await fetch("/v1/chat/completions", {
-      method: "POST", headers: apiHeaders(), body: JSON.stringify(body), signal: controller.signal });
-    if (response.status === 401 && !retried) {
-      const key = window.prompt("This server needs an API key (start serve.py with --api_key to set one):");
-      if (key) {
-        localStorage.setItem(API_KEY_KEY, key.trim());
-        state.streaming = null;
-        return await stream(conversation, userIndex, answer, true);
-      }
-    }
+    const response = await authorizedFetch("/v1/chat/completions", {
+      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+      signal: controller.signal });
     if (!response.ok) throw new RefusedError(await errorMessage(response), response.status);
     const reader = response.body.getReader();
     const decoder = new TextDecoder();
@@ -665,8 +678,37 @@ function addFiles(files) {
   }
 }
 
+async function dictate(blob) {
+  // a live recording becomes text in the composer, to be read (and edited) before it is sent
+  if (!blob.size) { notify("Nothing was recorded."); return; }
+  state.dictating = true;
+  ui.record.classList.add("transcribing");
+  ui.input.placeholder = "Transcribing…";
+  updateComposer();
+  try {
+    const form = new FormData();
+    form.append("file", blob, `recording.${audioFormat(blob, "") || "webm"}`);
+    form.append("model", "whisper-1");
+    const response = await authorizedFetch("/v1/audio/transcriptions", { method: "POST", body: form });
+    if (!response.ok) throw new Error(await errorMessage(response));
+    const { text } = await response.json();
+    const typed = ui.input.value.trimEnd();
+    ui.input.value = typed ? `${typed} ${text}` : text;
+  } catch (err) {
+    notify(`The recording could not be transcribed: ${err.message}`);
+  } finally {
+    state.dictating = false;
+    ui.record.classList.remove("transcribing");
+    ui.input.placeholder = "Message omniphi";
+    updateComposer();
+    ui.input.focus();
+    ui.input.setSelectionRange(ui.input.value.length, ui.input.value.length);
+  }
+}
+
 async function toggleRecording() {
   if (state.recorder) { state.recorder.stop(); return; }
+  if (state.dictating) return;
   let media;
   try {
     media = await navigator.mediaDevices.getUserMedia({ audio: true });
@@ -691,12 +733,9 @@ async function toggleRecording() {
     media.getTracks().forEach((t) => t.stop());
     state.recorder = null;
     ui.record.classList.remove("recording");
-    ui.record.title = "Record with the microphone";
+    ui.record.title = "Dictate with the microphone (the text appears here before it is sent)";
     ui.recordTimer.hidden = true;
-    const blob = new Blob(chunks, { type: (recorder.mimeType || "audio/webm").split(";")[0] });
-    const stamp = new Date().toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
-    addAudio(blob, `Recording ${stamp}`);
-    updateComposer();
+    dictate(new Blob(chunks, { type: (recorder.mimeType || "audio/webm").split(";")[0] }));
   };
   recorder.start(250);
   recorder.timer = setInterval(tick, 250);

@@ -139,14 +139,14 @@ def test_bf16_load_is_close_to_fp32(tiny_tower):
 
 
 def test_bad_checkpoints_name_the_problem(tmp_path, tiny_tower, monkeypatch):
-    with pytest.raises(FileNotFoundError, match="huggingface-cli download"):
+    with pytest.raises(FileNotFoundError, match="hf download"):
         CLIPVision.from_pretrained(tmp_path / "nowhere")
     import huggingface_hub
 
     def offline(*args, **kwargs):
         raise ConnectionError("no network")
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
-    with pytest.raises(FileNotFoundError, match="huggingface-cli download openai/clip-vit-large-patch14-336"):
+    with pytest.raises(FileNotFoundError, match="hf download openai/clip-vit-large-patch14-336"):
         CLIPVision.from_pretrained("openai/clip-vit-large-patch14-336")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="config.json"):
@@ -362,6 +362,11 @@ def test_load_image_refuses_bombs_and_non_images():
             load_image(png_header(10, 10))
     with pytest.raises(FileNotFoundError):
         load_image("/no/such/image.png")
+
+
+def test_load_image_refuses_a_folder_with_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match=f"cannot read image {tmp_path}: Is a directory"):
+        load_image(tmp_path)
 
 
 # ---- the feature cache -----------------------------------------------------------------------------------

@@ -121,7 +121,7 @@ def test_prepare_command_line_errors_and_stdlib_sample(tmp_path):
     (tmp_path / "empty").mkdir()
     result = subprocess.run([sys.executable, str(REPO / "data/text/prepare.py"), f"--input={tmp_path / 'empty'}",
                              f"--out_dir={tmp_path / 'out'}"], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 1 and "prepare.py: error: no .txt, .jsonl, .parquet files found" in result.stderr
+    assert result.returncode == 2 and "prepare.py: error: no .txt, .jsonl, .parquet files found" in result.stderr
 
     meta = prepare.prepare(None, tmp_path / "stdlib", max_bytes=150_000, val_fraction=0.3, num_proc=1, progress=False)
     assert meta["capped"] and "standard library" in meta["sources"][0]

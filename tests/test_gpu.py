@@ -4,6 +4,8 @@ bitsandbytes' fused inference kernel) and int8 on CUDA."""
 import pytest
 import torch
 
+from decoding import CompiledDecoder
+from lora import quantizer
 from model import Phi, PhiConfig
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bench/gpu.sh runs these)")
@@ -30,14 +32,15 @@ def test_compiled_cuda_graph_decode_matches_eager(checkpoint):
     ours = Phi.from_pretrained(checkpoint, dtype="bfloat16", device="cuda")
     idx = torch.randint(0, 1024, (1, 16), device="cuda")
     eager = ours.generate(idx, 32, temperature=0, eos_id=None)
+    decoder = CompiledDecoder(ours, "reduce-overhead")
     for _ in range(2):
-        assert torch.equal(ours.generate(idx, 32, temperature=0, eos_id=None, compile="reduce-overhead"), eager)
+        assert torch.equal(ours.generate(idx, 32, temperature=0, eos_id=None, decoder=decoder), eager)
 
 
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
 def test_quantized_cuda_close_to_bf16(checkpoint, kind):
     full = Phi.from_pretrained(checkpoint, dtype="bfloat16", device="cuda")
-    quant = Phi.from_pretrained(checkpoint, dtype="bfloat16", device="cuda", quantize=kind)
+    quant = Phi.from_pretrained(checkpoint, dtype="bfloat16", device="cuda", quantize=quantizer(kind))
     idx = torch.randint(0, 1024, (1, 32), device="cuda")
     with torch.no_grad():
         a, b = full(idx)[0].float(), quant(idx)[0].float()

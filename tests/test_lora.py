@@ -12,8 +12,9 @@ from transformers import PhiConfig as HFPhiConfig
 from transformers import PhiForCausalLM
 
 from lora import (Int8Linear, LoRALinear, NF4Linear, QuantizedLinear, apply_lora, load_adapter, lora_parameters,
-                  make_optimizer, merge_lora, quantize_linear, save_adapter)
-from model import Linear, Phi, PhiConfig
+                  make_optimizer, merge_lora, quantize_linear, quantizer, save_adapter)
+from decoding import CompiledDecoder, use_multiply_sum
+from model import Phi, PhiConfig
 
 VOCAB = 256
 
@@ -161,7 +162,7 @@ def test_nf4_compiled_decode_step_calls_the_cpu_kernel_under_inductor(tmp_path, 
     config = PhiConfig.from_preset("tiny", hidden_size=128, intermediate_size=256, vocab_size=VOCAB,
                                    partial_rotary_factor=0.5)
     Phi(config).save_pretrained(tmp_path)
-    model = Phi.from_pretrained(tmp_path, dtype=torch.bfloat16, quantize="nf4")
+    model = Phi.from_pretrained(tmp_path, dtype=torch.bfloat16, quantize=quantizer("nf4"))
     prompt, tokens = torch.randint(0, VOCAB, (1, 6)), torch.randint(0, VOCAB, (4,))
 
     def teacher_forced(step):  # the logits of four cached steps over the same tokens
@@ -177,12 +178,12 @@ def test_nf4_compiled_decode_step_calls_the_cpu_kernel_under_inductor(tmp_path, 
                 logits.append(step(token.view(1, 1), torch.tensor([[6 + i]]), torch.tensor([6 + i]), key_mask).clone())
             return torch.cat(logits)
     eager = teacher_forced(model.decode_step)
-    compiled = teacher_forced(model.compiled_decode_step())
+    compiled = teacher_forced(CompiledDecoder(model).step)
     kernel_calls = sum(n.target is torch.ops.bitsandbytes.gemv_4bit.default for gm in graphs for n in gm.graph.nodes)
     assert kernel_calls == sum(isinstance(m, NF4Linear) for m in model.modules()) == 12
     assert relative_error(compiled, eager) < 0.01  # bf16 (0.005 here): the compiled lm_head sums in fp32
     with pytest.raises(ValueError, match="NF4"):
-        Phi.from_pretrained(tmp_path, quantize="nf4").compiled_decode_step()  # fp32 compute: no kernel
+        CompiledDecoder(Phi.from_pretrained(tmp_path, quantize=quantizer("nf4")))  # fp32 compute: no kernel
 
 
 def test_nf4_fused_matmul_takes_the_two_dimensional_state():
@@ -202,7 +203,7 @@ def test_int8_multiplies_and_sums_in_the_compiled_cpu_decode_step(dtype, patch_c
     q = quantize_linear(nn.Linear(256, 96), "int8")
     w = q.dequantized_weight(torch.float32)
     graphs = patch_compile()
-    step = torch.compile(q, dynamic=False)
+    step = torch.compile(use_multiply_sum(q), dynamic=False)
     x = torch.randn(1, 1, 256).to(dtype)
     with torch.no_grad():
         y = step(x)
@@ -246,7 +247,7 @@ BLOCK_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "se
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
 def test_from_pretrained_quantized(checkpoint, kind):
     full = Phi.from_pretrained(checkpoint)
-    quantized = Phi.from_pretrained(checkpoint, quantize=kind)
+    quantized = Phi.from_pretrained(checkpoint, quantize=quantizer(kind))
     dequantized, noisy = Phi.from_pretrained(checkpoint), Phi.from_pretrained(checkpoint)
     torch.manual_seed(0)
     with torch.no_grad():
@@ -257,7 +258,7 @@ def test_from_pretrained_quantized(checkpoint, kind):
                 dequantized.model.layers[i].get_submodule(name).weight.copy_(q.dequantized_weight())
                 noise = torch.randn_like(w)
                 noisy.model.layers[i].get_submodule(name).weight.add_(noise * relative_error(q.dequantized_weight(), w) * w.norm() / noise.norm())
-    assert type(quantized.lm_head) is Linear and type(quantized.model.embed_tokens) is nn.Embedding
+    assert type(quantized.lm_head) is nn.Linear and type(quantized.model.embed_tokens) is nn.Embedding
     idx = torch.randint(0, VOCAB, (2, 24))
     expected, got = logits_of(full, idx), logits_of(quantized, idx)
     assert (got - logits_of(dequantized, idx)).abs().max() <= 1e-4  # exactly the model with dequantized weights
@@ -266,7 +267,7 @@ def test_from_pretrained_quantized(checkpoint, kind):
     error = relative_error(got, expected)
     assert 0 < error < 1.5 * relative_error(logits_of(noisy, idx), expected)
     assert error < (0.3 if kind == "nf4" else 0.03)
-    bf16 = Phi.from_pretrained(checkpoint, dtype=torch.bfloat16, quantize=kind)
+    bf16 = Phi.from_pretrained(checkpoint, dtype=torch.bfloat16, quantize=quantizer(kind))
     assert bf16.model.layers[0].mlp.fc1.compute_dtype == torch.bfloat16
     assert relative_error(logits_of(bf16, idx), got) < 0.05  # bf16 compute adds ~1% on top
 
@@ -275,7 +276,7 @@ def test_from_pretrained_quantized(checkpoint, kind):
 
 @pytest.mark.parametrize("quantize", [None, "nf4", "int8"])
 def test_fresh_adapter_is_identity_and_merge_matches(checkpoint, quantize, tmp_path):
-    model = Phi.from_pretrained(checkpoint, quantize=quantize)
+    model = Phi.from_pretrained(checkpoint, quantize=quantizer(quantize))
     idx = torch.randint(0, VOCAB, (2, 16))
     before = logits_of(model, idx)
     apply_lora(model, r=4, alpha=8)
@@ -326,7 +327,7 @@ def test_peft_adapter_loads_here(checkpoint, tmp_path):
     qlora = load_adapter(Phi.from_pretrained(checkpoint), tmp_path, quantize="nf4")  # quantize passthrough
     assert isinstance(qlora.model.layers[0].self_attn.q_proj.base_layer, NF4Linear)
     assert isinstance(qlora.model.layers[0].self_attn.k_proj, nn.Linear)
-    assert type(qlora.lm_head.base_layer) is Linear  # the output head is adapted but never quantized
+    assert type(qlora.lm_head.base_layer) is nn.Linear  # the output head is adapted but never quantized
     assert torch.equal(qlora.model.layers[1].mlp.fc2.lora_B.weight, model.model.layers[1].mlp.fc2.lora_B.weight)
 
 
@@ -353,7 +354,7 @@ def test_lora_linear_dtypes(base_dtype):
 # ---- training --------------------------------------------------------------------------------------
 
 def test_only_lora_and_projector_get_gradients(checkpoint):
-    model = apply_lora(Phi.from_pretrained(checkpoint, quantize="nf4"), r=4, alpha=8, dropout=0.1)
+    model = apply_lora(Phi.from_pretrained(checkpoint, quantize=quantizer("nf4")), r=4, alpha=8, dropout=0.1)
     projector = nn.Linear(8, 160)  # stands in for the multimodal projector the caller trains alongside
     model.train()
     features, idx = torch.randn(2, 3, 8), torch.randint(0, VOCAB, (2, 10))
@@ -370,7 +371,7 @@ def test_only_lora_and_projector_get_gradients(checkpoint):
 
 
 def test_qlora_loss_goes_down(checkpoint):
-    model = apply_lora(Phi.from_pretrained(checkpoint, quantize="nf4"), r=8, alpha=16)
+    model = apply_lora(Phi.from_pretrained(checkpoint, quantize=quantizer("nf4")), r=8, alpha=16)
     model.train()
     optimizer = make_optimizer(lora_parameters(model), lr=1e-2, weight_decay=0.0, kind="adamw8bit")
     idx = torch.randint(0, VOCAB, (2, 25))
@@ -386,7 +387,7 @@ def test_qlora_loss_goes_down(checkpoint):
 
 @pytest.mark.parametrize("quantize", [None, "nf4"])
 def test_gradient_checkpointing_gives_same_grads(checkpoint, quantize):
-    model = apply_lora(Phi.from_pretrained(checkpoint, quantize=quantize), r=4, alpha=8)
+    model = apply_lora(Phi.from_pretrained(checkpoint, quantize=quantizer(quantize)), r=4, alpha=8)
     perturb_lora(model)
     model.train()
     idx = torch.randint(0, VOCAB, (2, 17))
@@ -429,7 +430,7 @@ def test_bad_input(checkpoint, tmp_path):
         quantize_linear(nn.Linear(4, 4), "fp8")
     assert not any(isinstance(m, LoRALinear) for m in model.modules())  # failed calls changed nothing
     apply_lora(model, r=4, alpha=8)
-    assert type(model.lm_head) is Linear and not model.lm_head.weight.requires_grad
+    assert type(model.lm_head) is nn.Linear and not model.lm_head.weight.requires_grad
     with pytest.raises(ValueError, match="already has LoRA"):
         apply_lora(model, r=4, alpha=8)
     with pytest.raises(FileNotFoundError, match="does not exist"):

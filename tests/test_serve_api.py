@@ -174,7 +174,7 @@ def lm_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def chat(lm_dir):
-    from generate import ChatModel
+    from multimodal import ChatModel
     return ChatModel(str(lm_dir), whisper=str(WHISPER_PATH))
 
 
@@ -198,7 +198,7 @@ def live(chat):
 @pytest.fixture(scope="module")
 def mm_chat(lm_dir, tmp_path_factory):
     pytest.importorskip("projector", reason="projector.py is not there yet")
-    from generate import ChatModel
+    from multimodal import ChatModel
     mm = build_tiny_mm(tmp_path_factory.mktemp("serve-mm") / "mm", lm_dir)
     return ChatModel(None, mm=str(mm), whisper=str(WHISPER_PATH))
 
@@ -468,7 +468,7 @@ def test_remote_images_are_fetched_when_allowed(mm_chat, tmp_path):
     files = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=files.serve_forever, daemon=True).start()
     try:
-        client = create_app(mm_chat, ServeConfig(allow_remote_images=True)).test_client()
+        client = create_app(mm_chat, ServeConfig(allow_remote_images=True, allow_private_image_hosts=True)).test_client()
         url = f"http://127.0.0.1:{files.server_port}/green.png"
         content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "colour?"}]
         r = client.post("/v1/chat/completions", json=chat_body(content))
@@ -494,7 +494,7 @@ def test_api_key_is_required_when_set(chat):
 
 def test_compiled_decoding_gives_the_same_answers(lm_dir, chat, patch_compile):
     patch_compile()  # the captured graph runs as it is; tests/test_model.py runs inductor
-    from generate import ChatModel
+    from multimodal import ChatModel
     compiled = ChatModel(str(lm_dir), compile=True)
     assert compiled.compile == "default"
     messages = [{"role": "user", "content": "Name a colour."}]
@@ -519,7 +519,7 @@ def test_startup_rules(lm_dir, tmp_path, monkeypatch):
     (tmp_path / "mm" / "mm_config.json").write_text("{}")
     cfg = serve.resolve_defaults(ServeConfig())
     assert cfg.mm == str(tmp_path / "mm") and not cfg.model
-    from train_lm import parse_config
+    from common import parse_config
     cfg = parse_config(ServeConfig, ["--port=9001", "--allow_remote_images", "--max_queue=3"])
     assert (cfg.port, cfg.allow_remote_images, cfg.max_queue) == (9001, True, 3)
     with pytest.raises(ValueError, match="unknown option"):
@@ -625,7 +625,7 @@ def test_live_server_survives_bad_requests(live):
         connection.close()
     # a body announced as 50 MB is refused before it is sent
     with socket.create_connection((host, int(port)), timeout=30) as s:
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                   b"Authorization: Bearer " + API_KEY.encode() + b"\r\nContent-Length: 52428800\r\n\r\n")
         reply = s.recv(4096).decode(errors="replace")
     assert reply.startswith("HTTP/1.1 413")

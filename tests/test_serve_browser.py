@@ -1,15 +1,17 @@
 """
 Browser tests of the chat page (static/ + serve.py), with Playwright driving Debian's Chromium headless (never a
-downloaded browser): typing and streaming, Stop, images by button / drag-and-drop / paste, an uploaded audio file
-and a live recording from Chromium's fake microphone (transcribed by the real Whisper tiny.en), multi-turn
-context, conversations kept across a reload, safe rendering of hostile model output, and clear messages when the
-server refuses a request or speech is unavailable. The model is a scripted stand-in (ScriptedChat) whose answer
+downloaded browser): typing and streaming, Stop, images by button / drag-and-drop / paste, an uploaded audio file,
+dictation from Chromium's fake microphone (transcribed by the real Whisper tiny.en into the message box before it
+is sent), multi-turn context, conversations kept across a reload, safe rendering of hostile model output (and of
+random Markdown), a server with an API key, and clear messages when the server refuses a request or speech is
+unavailable. The model is a scripted stand-in (ScriptedChat) whose answer
 describes what reached it, so the page's behaviour can be checked exactly. Screenshots go to tests/artifacts/, and
 one conversation is saved as chat.png (docs/chat.png in the README is a copy).
 """
 
 import base64
 import io
+import re
 from pathlib import Path
 
 import pytest
@@ -217,18 +219,58 @@ def test_conversation_with_text_images_speech_and_reload(page, chat, speech_wav)
     assert page.locator(".conversation").count() == 1
 
 
-def test_record_with_the_fake_microphone(page):
+def test_dictation_with_the_fake_microphone(page, chat):
+    page.fill("#input", "Please answer:")
     page.click("#record")
     page.wait_for_selector("#record.recording")
     page.wait_for_function("document.querySelector('#record-timer').textContent === '0:02'", timeout=10_000)
     assert page.is_disabled("#send")
     page.screenshot(path=str(ARTIFACTS / "4-recording.png"))
     page.click("#record")
-    page.wait_for_selector(".attachments .audio-chip audio")
+    # the transcript lands in the message box, after what was typed, and nothing is sent yet
+    page.wait_for_function("document.querySelector('#input').value.toLowerCase().includes('what color')",
+                           timeout=60_000)  # heard through opus, "sky" may blur
+    said = page.input_value("#input")
+    assert said.startswith("Please answer: ") and page.locator(".message").count() == 0
+    assert page.locator(".attachments .audio-chip").count() == 0 and page.is_enabled("#send")
+    page.type("#input", " Briefly.")  # the user edits it
     page.click("#send")
-    page.wait_for_selector(".voice .transcript:not(.pending)", timeout=60_000)
-    assert "what color" in page.locator(".voice .transcript").inner_text().lower()  # heard through opus, "sky" may blur
-    assert "speech, heard as" in wait_for_answer(page, 1).inner_text()
+    answer = wait_for_answer(page, 1)
+    assert chat.calls[-1]["messages"][-1]["content"] == said + " Briefly."
+    assert "your text:" in answer.inner_text() and page.locator(".message.user .bubble").inner_text() == said + " Briefly."
+
+
+ALLOWED_TAGS = {"P", "BR", "CODE", "A", "STRONG", "EM", "H3", "H4", "H5", "UL", "OL", "LI", "DIV", "SPAN", "BUTTON", "PRE"}
+RENDER = """(sources) => sources.map((source) => {
+    const html = window.omniphi.renderMarkdown(source);
+    const template = document.createElement("template");  // inert: nothing in it loads or runs
+    template.innerHTML = html;
+    const nodes = [...template.content.querySelectorAll("*")];
+    return { source, html, tags: [...new Set(nodes.map((n) => n.tagName))],
+             attributes: [...new Set(nodes.flatMap((n) => [...n.attributes].map((a) => `${n.tagName}.${a.name}`)))],
+             links: [...template.content.querySelectorAll("a")].map((a) => [a.getAttribute("href"), a.innerHTML]) };
+})"""
+
+
+def test_markdown_holds_resolve_and_random_markdown_stays_safe(page):
+    (link, nested, inside_url) = page.evaluate(RENDER, ["[`code`](https://x.example/a)",
+                                                        "[**bold** and `c`](https://y.example) `[a](https://z.example)`",
+                                                        "see https://a.example/`b`c and [x](https://b.example/`d`)"])
+    assert link["links"] == [["https://x.example/a", "<code>code</code>"]] and "\0" not in link["html"]
+    assert nested["links"] == [["https://y.example", "<strong>bold</strong> and <code>c</code>"]]
+    assert "<code>[a](https://z.example)</code>" in nested["html"]
+    assert all("\0" not in href for href, _ in inside_url["links"]) and "\0" not in inside_url["html"]
+    tokens = ["`", "``", "```", "~~~", "[", "]", "(", ")", "](", "https://x.example/p", "http://y.example", "https://",
+              "*", "**", "_", "__", " ", "\n", "\n\n", "- ", "1. ", "# ", "<b>", "</b>", "<img src=x onerror=alert(1)>",
+              "<script>alert(1)</script>", "&", "&amp;", '"', "'", "\0", "word", "\t", "javascript:alert(1)"]
+    rng = __import__("random").Random(0)
+    sources = ["".join(rng.choice(tokens) for _ in range(rng.randint(1, 14))) for _ in range(3000)]
+    for r in page.evaluate(RENDER, sources):
+        assert "\0" not in r["html"], r
+        assert set(r["tags"]) <= ALLOWED_TAGS, r
+        assert set(r["attributes"]) <= {"A.href", "A.target", "A.rel", "DIV.class", "BUTTON.class", "BUTTON.type",
+                                         "SPAN.class", "OL.start"}, r
+        assert all(re.fullmatch(r"https?://[^\s\"<>\0]+", href) for href, _ in r["links"]), r
 
 
 def test_model_output_cannot_inject_html(page):
@@ -269,6 +311,23 @@ def test_stop_and_refusals_are_clear(page, chat):
     wait_for_answer(page, 3)
     assert page.locator(".message.assistant .error").count() == 1
     page.screenshot(path=str(ARTIFACTS / "6-stop-and-refusal.png"))
+
+
+def test_a_server_with_an_api_key(browser):
+    chat = ScriptedChat("ok", vision=False, whisper=None)
+    with live_server(create_app(chat, ServeConfig(api_key="page-key"))) as url:
+        context = browser.new_context(color_scheme="light", bypass_csp=True)
+        page = context.new_page()
+        asked = []
+        page.on("dialog", lambda dialog: (asked.append(dialog.message), dialog.accept("page-key")))
+        page.goto(url)
+        page.wait_for_function("document.querySelector('#model-name').textContent === 'API key needed'")
+        send(page, "hello")
+        assert wait_for_answer(page, 1).inner_text() == "ok" and len(asked) == 1 and "API key" in asked[0]
+        page.wait_for_function("document.querySelector('#model-name').textContent === 'omniphi'")  # details, now
+        send(page, "again")
+        assert wait_for_answer(page, 2).inner_text() == "ok" and len(asked) == 1  # the key was kept
+        context.close()
 
 
 def test_speech_unavailable_is_explained_and_controls_are_off(browser, tmp_path):

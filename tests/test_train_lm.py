@@ -20,7 +20,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import train_lm  # noqa: E402
 from model import Phi, PhiConfig  # noqa: E402
-from train_lm import TRAIN_PRESETS, TrainConfig, parse_config  # noqa: E402
+import common  # noqa: E402
+from common import parse_config  # noqa: E402
+from train_lm import TRAIN_PRESETS, TrainConfig  # noqa: E402
 
 RUN = ["--preset=tiny", "--max_iters=6", "--batch_size=4", "--micro_batch_size=2", "--eval_interval=3",
        "--ckpt_interval=6", "--log_interval=1"]  # val at 0, 3, 6; a checkpoint at the end
@@ -40,9 +42,12 @@ def torchrun(nproc):
             f"--master_port={port}")
 
 
+def log_rows(out_dir):
+    return [json.loads(line) for line in (Path(out_dir) / "log.jsonl").read_text().splitlines()]
+
+
 def losses(out_dir):
-    rows = [json.loads(line) for line in (Path(out_dir) / "log.jsonl").read_text().splitlines()]
-    return [(r["iter"], r["train_loss"], r["val_loss"]) for r in rows]
+    return [(r["iter"], r["train_loss"], r["val_loss"]) for r in log_rows(out_dir)]
 
 
 def weights(folder):
@@ -125,20 +130,38 @@ def test_sigkill_then_resume_follows_the_uninterrupted_run_exactly(reference_run
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_processes_match_one_process_with_the_same_global_batch(mode, reference_run, data_dir, tmp_path):
+    """Every process (one thread each, as the reference) computes its micro-batch exactly as the reference's
+    micro-step does; the loss is scaled by world / batch, a power of two away from the reference's scale, and the
+    all-reduce adds two values, which commutes: so the gradients, and everything after them, are the same to the bit.
+    Only FSDP's gradient norm differs: it sums the squares of 14M fp32 gradient elements shard by shard, another
+    order than one process's blocked sum (4e-6 relative apart here; a blocked fp32 sum of n terms in runs of k is
+    good to about k * 2^-24), so its clip coefficient differs in the last bits; the norm is compared to 1e-4 (a
+    missing or doubled shard would be tens of percent off), and the weights exactly with clipping off. Held-out windows are batched differently per process (each takes every
+    world-th), so val losses agree to fp32 rounding: 1e-6 relative, about 16 units in the last place."""
     out = tmp_path / mode
     extra = ["--micro_batch_size=0"] + (["--fsdp"] if mode == "fsdp" else [])
     result = run_cli(RUN + extra + [f"--data_dir={data_dir}", f"--out_dir={out}"], launcher=torchrun(2))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 processes x 1 micro-steps x 2" in result.stdout
-    for (i, train, val), (j, train_ref, val_ref) in zip(losses(out), losses(reference_run), strict=True):
-        assert i == j
-        assert train == pytest.approx(train_ref, rel=1e-4, abs=1e-4) if train_ref is not None else train is None
-        assert val == pytest.approx(val_ref, rel=1e-4, abs=1e-4) if val_ref is not None else val is None
-    ours, theirs = weights(out / "ckpt"), weights(reference_run / "ckpt")
-    # Adam divides each step by the root of the running squared gradient, so a weight whose true gradient is
-    # about zero (an unseen token's embedding, k_proj.bias, which softmax ignores) moves by up to lr (3e-3) on
-    # rounding noise alone, and the all-reduced sum rounds differently from one process's
-    assert all(torch.allclose(ours[k], theirs[k], atol=3e-4) for k in theirs)
+    rows, reference = log_rows(out), log_rows(reference_run)
+    assert [r["iter"] for r in rows] == [r["iter"] for r in reference]
+    for a, b in zip(rows, reference):
+        assert (a["val_loss"] is None) == (b["val_loss"] is None)
+        assert a["val_loss"] is None or a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-6)
+    if mode == "ddp":
+        assert [r["train_loss"] for r in rows] == [r["train_loss"] for r in reference]
+        ours, theirs = weights(out / "ckpt"), weights(reference_run / "ckpt")
+        assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+        return
+    assert rows[1]["train_loss"] == reference[1]["train_loss"]  # the first step's gradients are the same
+    assert rows[1]["grad_norm"] == pytest.approx(reference[1]["grad_norm"], rel=1e-4)
+    unclipped = RUN + ["--grad_clip=0", f"--data_dir={data_dir}"]
+    assert run_cli(unclipped + [f"--out_dir={tmp_path / 'ref0'}"]).returncode == 0
+    result = run_cli(unclipped + extra + [f"--out_dir={tmp_path / 'fsdp0'}"], launcher=torchrun(2))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [r["train_loss"] for r in log_rows(tmp_path / "fsdp0")] == [r["train_loss"] for r in log_rows(tmp_path / "ref0")]
+    ours, theirs = weights(tmp_path / "fsdp0" / "ckpt"), weights(tmp_path / "ref0" / "ckpt")
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
 
 
 def test_checkpoint_loads_in_transformers_with_identical_logits(reference_run):
@@ -194,7 +217,7 @@ def test_bad_options_are_rejected_before_training(tmp_path):
 
     out = tmp_path / "never"
     result = run_cli(["--batch_size=0", f"--out_dir={out}"], timeout=120)
-    assert result.returncode == 1 and "train_lm.py: error: --batch_size must be at least 1" in result.stderr
+    assert result.returncode == 2 and "train_lm.py: error: --batch_size must be at least 1" in result.stderr
     assert "Traceback" not in result.stderr and not out.exists()
 
 
@@ -228,6 +251,20 @@ def test_bad_data_is_rejected_before_training(data_dir, tmp_path):
     with pytest.raises(ValueError, match="val.bin holds .* tokens but meta.json says"):
         attempt(swapped)
 
+    noise = tmp_path / "noise"  # random uint16 in train.bin: an IndexError at the first step before it was checked
+    shutil.copytree(data_dir, noise)
+    np.random.default_rng(0).integers(0, 65536, meta["train_tokens"], dtype=np.uint16).tofile(noise / "train.bin")
+    with pytest.raises(ValueError, match="train.bin has token id .* outside the model's vocabulary"):
+        attempt(noise)
+    listed = tmp_path / "listed"  # a meta.json holding a list: an AttributeError before
+    shutil.copytree(data_dir, listed)
+    (listed / "meta.json").write_text(json.dumps([meta]))
+    with pytest.raises(ValueError, match="must hold a JSON object .* not a list"):
+        attempt(listed)
+    (listed / "meta.json").write_text("{not json")
+    with pytest.raises(ValueError, match="is not valid JSON"):
+        attempt(listed)
+
     with pytest.raises(ValueError, match="not a multiple of --micro_batch_size=3"):
         attempt(data_dir, "--micro_batch_size=3")
     with pytest.raises(ValueError, match="longer than the model's context"):
@@ -256,9 +293,40 @@ def test_optimizer_groups_and_schedule():
     assert "lm_head.weight" in names and "model.layers.0.mlp.fc1.weight" in names
     assert not any(n.endswith("bias") or "layernorm" in n or "embed_tokens" in n for n in names)
     assert len(decayed) + len(opt.param_groups[1]["params"]) == len(list(model.parameters()))
-    lrs = [train_lm.cosine_lr(i, 1.0, 0.1, 10, 100) for i in range(120)]
+    lrs = [common.cosine_lr(i, 1.0, 0.1, 10, 100) for i in range(120)]
     assert lrs[0] == pytest.approx(1 / 11) and lrs[9] == pytest.approx(10 / 11) and lrs[10] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[100] == lrs[119] == pytest.approx(0.1)
+
+
+def test_checkpoint_files_reach_the_disk_before_the_swap(tmp_path, monkeypatch):
+    """Every file and folder of the new checkpoint is fsynced before the rename that makes it the checkpoint, and
+    the parent folder after it (so a power loss cannot leave a renamed but empty checkpoint)."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.path.realpath(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(src), str(dst)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+
+    def fill(folder):
+        (folder / "train_state.pt").write_text("state")
+        (folder / "vision").mkdir()
+        (folder / "vision" / "model.safetensors").write_text("weights")
+
+    common.save_checkpoint(tmp_path, fill)
+    swap = next(i for i, e in enumerate(events) if e[0] == "replace" and e[1].endswith("ckpt.tmp"))
+    synced_before = {e[1] for e in events[:swap] if e[0] == "fsync"}
+    tmp = str((tmp_path / "ckpt.tmp").resolve())
+    assert {tmp + "/train_state.pt", tmp + "/vision/model.safetensors", tmp + "/vision", tmp} <= synced_before
+    assert ("fsync", str(tmp_path.resolve())) in events[swap + 1:]
+    assert (tmp_path / "ckpt" / "vision" / "model.safetensors").read_text() == "weights"
 
 
 def test_checkpoint_swap_never_leaves_a_half_checkpoint(tmp_path):
@@ -267,7 +335,7 @@ def test_checkpoint_swap_never_leaves_a_half_checkpoint(tmp_path):
             (folder / "train_state.pt").write_text(tag)
         return fill
 
-    train_lm.save_checkpoint(tmp_path, write("one"))
+    common.save_checkpoint(tmp_path, write("one"))
     assert (tmp_path / "ckpt" / "train_state.pt").read_text() == "one"
 
     def crash(folder):
@@ -275,10 +343,10 @@ def test_checkpoint_swap_never_leaves_a_half_checkpoint(tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train_lm.save_checkpoint(tmp_path, crash)
-    assert train_lm.find_checkpoint(tmp_path) == tmp_path / "ckpt"
+        common.save_checkpoint(tmp_path, crash)
+    assert common.find_checkpoint(tmp_path) == tmp_path / "ckpt"
     assert (tmp_path / "ckpt" / "train_state.pt").read_text() == "one"
     os.replace(tmp_path / "ckpt", tmp_path / "ckpt.old")  # a crash between the two renames of a swap
-    assert train_lm.find_checkpoint(tmp_path) == tmp_path / "ckpt.old"
-    train_lm.save_checkpoint(tmp_path, write("two"))
-    assert train_lm.find_checkpoint(tmp_path) == tmp_path / "ckpt" and not (tmp_path / "ckpt.old").exists()
+    assert common.find_checkpoint(tmp_path) == tmp_path / "ckpt.old"
+    common.save_checkpoint(tmp_path, write("two"))
+    assert common.find_checkpoint(tmp_path) == tmp_path / "ckpt" and not (tmp_path / "ckpt.old").exists()

@@ -19,7 +19,10 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import train_mm
-from model import Linear, Phi, PhiConfig
+import llava_data
+import train_clip
+from model import Phi, PhiConfig
+from multimodal import ChatModel, MultimodalLM
 from tokenizer import IMAGE_TOKEN_ID, Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,10 +89,11 @@ def log_rows(out_dir):
     return [json.loads(line) for line in (Path(out_dir) / "log.jsonl").read_text().splitlines()]
 
 
-def run_script(args, env=None, torchrun=False):
+def run_script(args, env=None, torchrun=False, script="train_mm.py"):
     prefix = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun else [])
-    return subprocess.run(prefix + [str(REPO / "train_mm.py")] + args, cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=300)
+    # one thread in every process: runs that are compared must not differ by how a thread count splits their sums
+    return subprocess.run(prefix + [str(REPO / script)] + args, cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, timeout=300)
 
 
 # ---- pieces ----------------------------------------------------------------------------------------------------
@@ -98,7 +102,7 @@ def run_script(args, env=None, torchrun=False):
 def test_targets_are_the_assistant_tokens_only():
     tok = Tokenizer()
     record = llava_records()[0]
-    ids, labels, cut = train_mm.encode_record(tok, record, image_tokens=16, max_len=10_000)
+    ids, labels, cut = llava_data.encode_record(tok, record, image_tokens=16, max_len=10_000)
     assert not cut and ids.count(IMAGE_TOKEN_ID) == 1 and len(ids) == len(labels)
     targets = [t for t in labels if t != -100]
     answers = [t["value"] for t in record["conversations"][1::2]]
@@ -112,13 +116,13 @@ def test_targets_are_the_assistant_tokens_only():
 def test_truncation_keeps_images_whole():
     tok = Tokenizer()
     record = llava_records()[1]  # "Where is the cat ...?\n<image>": the image comes after the question
-    ids, _, _ = train_mm.encode_record(tok, record, 16, 10_000)
+    ids, _, _ = llava_data.encode_record(tok, record, 16, 10_000)
     at = ids.index(IMAGE_TOKEN_ID)
-    cut_ids, cut_labels, cut = train_mm.encode_record(tok, record, 16, at + 10)  # the image would need 16 positions
+    cut_ids, cut_labels, cut = llava_data.encode_record(tok, record, 16, at + 10)  # the image would need 16 positions
     assert cut and cut_ids == ids[:at] and len(cut_labels) == at
-    whole, _, cut = train_mm.encode_record(tok, record, 16, at + 16 + 2)
+    whole, _, cut = llava_data.encode_record(tok, record, 16, at + 16 + 2)
     assert cut and whole == ids[:at + 3] and whole[at] == IMAGE_TOKEN_ID
-    data = train_mm.LlavaData([record], tok, 16, at + 10, seed=0)
+    data = llava_data.LlavaData([record], tok, 16, at + 10, seed=0)
     batch = data.batch([0])
     assert batch.truncated == 1 and batch.images == [] and batch.image_index == [] and batch.n_tokens == at
 
@@ -126,10 +130,10 @@ def test_truncation_keeps_images_whole():
 def test_order_is_deterministic_and_grouped_by_image():
     records = [{"id": str(i), "image": f"{i % 5}.jpg", "conversations": []} for i in range(23)]
     records += [{"id": "t", "conversations": []}]
-    data = train_mm.LlavaData(records, None, 1, 10, seed=3)
+    data = llava_data.LlavaData(records, None, 1, 10, seed=3)
     order = data.order(0)
     assert sorted(order) == list(range(24)) and order != data.order(1)
-    assert train_mm.LlavaData(records, None, 1, 10, seed=3).order(0) == order
+    assert llava_data.LlavaData(records, None, 1, 10, seed=3).order(0) == order
     runs, previous = [], None  # each image's records come together, once
     for i in order:
         image = records[i].get("image", "text")
@@ -139,7 +143,7 @@ def test_order_is_deterministic_and_grouped_by_image():
             runs.append([image, 1])
         previous = image
     assert sorted(runs) == [["0.jpg", 5], ["1.jpg", 5], ["2.jpg", 5], ["3.jpg", 4], ["4.jpg", 4], ["text", 1]]
-    pairs = train_mm.LlavaData(records, None, 1, 10, seed=3, group_size=2).order(0)
+    pairs = llava_data.LlavaData(records, None, 1, 10, seed=3, group_size=2).order(0)
     assert sorted(pairs) == list(range(24)) and pairs != order
     both = data.indices(1, 20)  # positions 20..39: the end of epoch 0, then epoch 1
     assert both[:4] == order[20:] and both[4:] == data.order(1)[:16]
@@ -152,9 +156,9 @@ def test_target_rows_loss_equals_full_logits_loss():
     from projector import build_projector
     vision = CLIPVision(CLIPVisionConfig.from_preset("tiny"))
     projector = build_projector("mlp2x_gelu", 64, lm.config.hidden_size)
-    mm = train_mm.MultimodalLM(lm, projector, vision, feature_layer=-1)
+    mm = MultimodalLM(lm, projector, vision, feature_layer=-1)
     tok = Tokenizer()
-    data = train_mm.LlavaData(llava_records()[:4], tok, 16, 256, seed=0)
+    data = llava_data.LlavaData(llava_records()[:4], tok, 16, 256, seed=0)
     batch = data.batch([0, 1, 2, 3])  # rows of different lengths, one without an image
     images = {"pixels": torch.randn(len(batch.images), 3, 32, 32)}
     loss_sum = mm(batch.ids, batch.labels, batch.image_index, images)
@@ -194,7 +198,6 @@ def test_llava_shaped_data_trains_both_stages_and_loads_for_chat(dataset, tmp_pa
     assert report["correct"] == sum(c["correct"] for c in report["counts"].values())
     assert "| **all** | 11 |" in printed
 
-    from generate import ChatModel
     from clip_encoder import load_image
     chat = ChatModel(None, mm=instruct)
     image = load_image(dataset / "images" / "000000033471.jpg")
@@ -203,8 +206,8 @@ def test_llava_shaped_data_trains_both_stages_and_loads_for_chat(dataset, tmp_pa
     embeds, _ = chat.prompt_embeddings(messages, [image])
     new = chat.model.generate(inputs_embeds=embeds, max_new_tokens=6, temperature=0)[0].tolist()
     expected = chat.tokenizer.decode(new[:new.index(50256)] if 50256 in new else new).strip()
-    mm = train_mm.MultimodalLM(chat.model, chat.projector, chat.vision, config["feature_layer"]).eval()
-    source = train_mm.ImageSource(dataset / "images", chat.vision.processor, workers=0)
+    mm = MultimodalLM(chat.model, chat.projector, chat.vision, config["feature_layer"]).eval()
+    source = llava_data.ImageSource(dataset / "images", chat.vision.processor, workers=0)
     assert mm.answer([(messages, "000000033471.jpg")], source, 6, chat.tokenizer) == [expected]
 
     cli = subprocess.run([sys.executable, str(REPO / "generate.py"), f"--mm={instruct}",
@@ -224,7 +227,7 @@ def test_cached_features_are_used_and_checked(dataset, tmp_path):
     CLIPVision(CLIPVisionConfig.from_preset("tiny")).save_pretrained(tower)
     cache_features.main([f"--images={dataset / 'images'}", f"--vision={tower}", f"--out={tmp_path / 'cache'}",
                          "--layer=-2", "--workers=0", "--device=cpu"])
-    args = TINY + data_args(dataset) + ["--stage=align", f"--vision={tower}", "--train_vision=false",
+    args = TINY + data_args(dataset) + ["--stage=align", f"--vision={tower}",
                                         f"--features={tmp_path / 'cache'}", "--max_iters=2", "--samples=0"]
     train_mm.main(args + [f"--out_dir={tmp_path / 'run'}"])
     config = json.loads((tmp_path / "run" / "ckpt" / "mm_config.json").read_text())
@@ -240,7 +243,6 @@ def test_instruct_on_an_nf4_base(dataset, tmp_path):
                                                f"--out_dir={out}"])
     config = json.loads((out / "ckpt" / "adapter_config.json").read_text())
     assert config["r"] == 4 and (out / "ckpt" / "adapter_model.safetensors").is_file()
-    from generate import ChatModel
     from lora import NF4Linear
     chat = ChatModel(None, mm=out / "ckpt", quantize="nf4")
     assert any(isinstance(m, NF4Linear) for m in chat.model.modules())
@@ -264,16 +266,49 @@ def test_align_lora_with_the_output_head_and_a_waiting_tower(dataset, tmp_path):
     assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("adapter"))
     train_mm.main(args[:-3] + ["--stage=instruct", "--max_iters=1", "--samples=0", "--val_size=2",
                                f"--init={tmp_path / '1e-2' / 'ckpt'}", f"--out_dir={tmp_path / 'instruct'}"])
-    from generate import ChatModel
     chat = ChatModel(None, mm=tmp_path / "instruct" / "ckpt")
-    assert type(chat.model.lm_head) is Linear  # the adapted head was merged like the rest
+    assert type(chat.model.lm_head) is torch.nn.Linear  # the adapted head was merged like the rest
     assert isinstance(chat.reply([{"role": "user", "content": "hi"}], temperature=0, max_tokens=2), str)
+
+
+def test_full_lm_trains_every_lm_weight_keeps_it_in_the_checkpoint_and_resumes_exactly(dataset, tmp_path):
+    """--full_lm (the demo's recipe for a random LM): all the LM's weights train, not LoRA; the checkpoint holds the
+    trained LM in lm/ (no adapter), loads for chat, and a killed run resumes to the uninterrupted one's weights."""
+    args = TINY + data_args(dataset) + ["--stage=instruct", "--full_lm", "--max_iters=4", "--ckpt_interval=2",
+                                        "--samples=0", "--val_size=2", "--eval_interval=4"]
+    done = run_script(args + [f"--out_dir={tmp_path / 'whole'}"])
+    assert done.returncode == 0, done.stderr
+    ckpt = tmp_path / "whole" / "ckpt"
+    assert json.loads((ckpt / "mm_config.json").read_text())["lm"] == "lm"
+    assert (ckpt / "lm" / "config.json").is_file() and not (ckpt / "adapter_config.json").exists()
+    trained = load_file(str(ckpt / "lm" / "model.safetensors"))
+    start = load_file(str(tmp_path / "whole" / "random_tiny" / "model.safetensors"))
+    assert trained.keys() == start.keys()
+    changed = [k for k in trained if not torch.equal(trained[k], start[k])]
+    assert "model.embed_tokens.weight" in changed and "lm_head.weight" in changed
+    assert all(any(k.startswith(f"model.layers.{i}.") for k in changed) for i in range(2))
+    model = MultimodalLM.load(ckpt)
+    assert all(torch.equal(model.lm.state_dict()[k], trained[k]) for k in trained)
+    chat = ChatModel(None, mm=ckpt)
+    assert isinstance(chat.reply([{"role": "user", "content": "hi"}], temperature=0, max_tokens=2), str)
+
+    killed = run_script(args + [f"--out_dir={tmp_path / 'killed'}"], env={train_mm.KILL_AT_ITER_ENV: "3"})
+    assert killed.returncode == -9
+    resumed = run_script(args + [f"--out_dir={tmp_path / 'killed'}", "--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    got = load_file(str(tmp_path / "killed" / "ckpt" / "lm" / "model.safetensors"))
+    assert all(torch.equal(got[k], trained[k]) for k in trained)
+    assert tensors(tmp_path / "killed" / "ckpt").keys() == tensors(ckpt).keys()
+
+    with pytest.raises(SystemExit, match="--full_lm trains the LM's own weights"):
+        train_mm.main(TINY + data_args(dataset) + ["--stage=instruct", "--full_lm", "--quantize=nf4",
+                                                   f"--out_dir={tmp_path / 'nf4'}"])
 
 
 @pytest.fixture(scope="module")
 def reference_run(dataset, tmp_path_factory):
-    """6 uninterrupted instruct iterations (tower, projector and LoRA train) in 2 accumulated micro-steps of 2,
-    checkpoints every 2."""
+    """6 uninterrupted instruct iterations (projector and LoRA train) in 2 accumulated micro-steps of 2, checkpoints
+    every 2."""
     out = tmp_path_factory.mktemp("reference")
     args = TINY + data_args(dataset) + ["--stage=instruct", "--lm=tiny", "--vision=tiny", "--max_iters=6",
                                         "--micro_batch_size=2", "--ckpt_interval=2", "--eval_interval=3", "--samples=1",
@@ -298,6 +333,10 @@ def test_resume_after_sigkill_is_exact(reference_run, tmp_path):
 
 
 def test_two_process_ddp_matches_one_process(reference_run, tmp_path):
+    """Each process (one thread, as the reference) computes its micro-batch as the reference's micro-step does; the loss
+    is scaled by world / targets, a power of two away from the reference's scale, and the all-reduce adds two values,
+    which commutes: the gradients and every weight after them are the same to the bit. Held-out records are batched
+    differently per process (every world-th), so held-out losses agree to fp32 rounding (1e-6 relative)."""
     args, reference = reference_run
     out = tmp_path / "ddp"
     done = run_script(args + [f"--out_dir={out}"], torchrun=True)
@@ -306,10 +345,11 @@ def test_two_process_ddp_matches_one_process(reference_run, tmp_path):
     want, got = tensors(reference / "ckpt"), tensors(out / "ckpt")
     assert want.keys() == got.keys()
     for k in want:
-        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5, msg=k)
+        assert torch.equal(got[k], want[k]), k
     for a, b in zip(log_rows(reference), log_rows(out), strict=True):
-        for key in ("train_loss", "val_loss"):
-            assert (a[key] is None) == (b[key] is None) and (a[key] is None or abs(a[key] - b[key]) < 1e-4)
+        assert a["train_loss"] == b["train_loss"]
+        assert (a["val_loss"] is None) == (b["val_loss"] is None)
+        assert a["val_loss"] is None or b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -333,13 +373,14 @@ def shapes(tmp_path_factory):
     return root
 
 
-CLIP = TINY + ["--stage=clip", "--batch_size=16", "--val_size=16", "--lr=3e-3", "--feature_layer=-1", "--log_interval=5"]
+CLIP = ["--preset=tiny", "--workers=0", "--batch_size=16", "--val_size=16", "--lr=3e-3", "--feature_layer=-1",
+        "--log_interval=5"]
 
 
 def test_clip_stage_learns_which_caption_is_which(shapes, tmp_path):
     out = tmp_path / "clip"
-    train_mm.main(CLIP + [f"--data={shapes / 'captions.json'}", f"--image_folder={shapes / 'images'}",
-                          "--max_iters=60", "--eval_interval=30", f"--out_dir={out}"])
+    train_clip.main(CLIP + [f"--data={shapes / 'captions.json'}", f"--image_folder={shapes / 'images'}",
+                            "--max_iters=60", "--eval_interval=30", f"--out_dir={out}"])
     rows = [r for r in log_rows(out) if r.get("val_loss") is not None]
     assert [r["iter"] for r in rows] == [0, 30, 60]
     assert rows[-1]["caption_accuracy"] == 1.0 and rows[-1]["val_loss"] < rows[0]["val_loss"]  # chance is 50%
@@ -351,11 +392,12 @@ def test_clip_stage_learns_which_caption_is_which(shapes, tmp_path):
 def test_clip_stage_resumes_exactly(shapes, tmp_path):
     args = CLIP + [f"--data={shapes / 'captions.json'}", f"--image_folder={shapes / 'images'}", "--max_iters=4",
                    "--ckpt_interval=2", "--eval_interval=4"]
-    reference = run_script(args + [f"--out_dir={tmp_path / 'reference'}"])
+    reference = run_script(args + [f"--out_dir={tmp_path / 'reference'}"], script="train_clip.py")
     assert reference.returncode == 0, reference.stderr
-    killed = run_script(args + [f"--out_dir={tmp_path / 'killed'}"], env={train_mm.KILL_AT_ITER_ENV: "3"})
+    killed = run_script(args + [f"--out_dir={tmp_path / 'killed'}"], env={train_clip.KILL_AT_ITER_ENV: "3"},
+                        script="train_clip.py")
     assert killed.returncode == -9
-    resumed = run_script(args + [f"--out_dir={tmp_path / 'killed'}", "--resume"])
+    resumed = run_script(args + [f"--out_dir={tmp_path / 'killed'}", "--resume"], script="train_clip.py")
     assert resumed.returncode == 0 and "resuming clip" in resumed.stdout, resumed.stderr
     for name in ("vision/model.safetensors", "contrastive.safetensors"):
         want, got = load_file(str(tmp_path / "reference" / "ckpt" / name)), load_file(str(tmp_path / "killed" / "ckpt" / name))
@@ -367,15 +409,17 @@ def test_clip_stage_needs_captioned_images(dataset, tmp_path):
     data = tmp_path / "text-only.json"
     data.write_text(json.dumps([r for r in llava_records() if "image" not in r] * 4))
     with pytest.raises(SystemExit, match="the clip stage needs image records"):
-        train_mm.main(CLIP + [f"--data={data}", f"--image_folder={dataset / 'images'}", "--val_size=1",
-                              f"--out_dir={tmp_path / 'o'}"])
+        train_clip.main(CLIP + [f"--data={data}", f"--image_folder={dataset / 'images'}", "--val_size=1",
+                                f"--out_dir={tmp_path / 'o'}"])
     assert not (tmp_path / "o" / "ckpt").exists()
 
 
-def test_all_stages_hand_the_clip_tower_to_align(shapes, tmp_path):
+def test_the_clip_tower_goes_into_both_stages(shapes, tmp_path):
     out = tmp_path / "all"
-    train_mm.main(TINY + [f"--data={shapes / 'captions.json'}", f"--image_folder={shapes / 'images'}", "--stage=all",
-                          "--train_vision=false", "--max_iters=2", "--samples=0", f"--out_dir={out}"])
+    data = [f"--data={shapes / 'captions.json'}", f"--image_folder={shapes / 'images'}"]
+    train_clip.main(["--preset=tiny", "--workers=0", "--max_iters=2"] + data + [f"--out_dir={out / 'clip'}"])
+    train_mm.main(TINY + data + [f"--vision={out / 'clip' / 'ckpt' / 'vision'}", "--max_iters=2", "--samples=0",
+                                 f"--out_dir={out}"])
     tower = load_file(str(out / "clip" / "ckpt" / "vision" / "model.safetensors"))
     for stage in ("align", "instruct"):  # the clip stage's tower, frozen, inside each checkpoint
         config = json.loads((out / stage / "ckpt" / "mm_config.json").read_text())
@@ -383,7 +427,6 @@ def test_all_stages_hand_the_clip_tower_to_align(shapes, tmp_path):
         saved = load_file(str(out / stage / "ckpt" / "vision" / "model.safetensors"))
         assert saved.keys() == tower.keys() and all(torch.equal(saved[k], tower[k]) for k in tower)
     shutil.rmtree(out / "clip")  # the final checkpoint stands on its own
-    from generate import ChatModel
     chat = ChatModel(None, mm=out / "instruct" / "ckpt")
     assert isinstance(chat.reply([{"role": "user", "content": "<image>\nWhat is it?"}],
                                  [Image.open(shapes / "images" / "0.png")], temperature=0, max_tokens=3), str)
@@ -418,18 +461,21 @@ def test_stage_configs():
     _, (alone,) = train_mm.stage_configs(["--preset=tiny", "--stage=instruct", "--data=d.json", "--init=ck",
                                           "--vision=tower"])
     assert alone.vision == "tower" and alone.lm == ""
-    _, (demo_clip, demo_align, demo_instruct) = train_mm.stage_configs([])
-    assert demo_clip.data == demo_align.data and demo_align.data.endswith("captions.json")
-    assert demo_instruct.data.endswith("train.json") and demo_align.vision == "out/mm-demo/clip/ckpt/vision"
+    demo, (demo_instruct,) = train_mm.stage_configs([])  # the demo trains a random LM whole: no align stage
+    assert demo.stage == "instruct" and demo_instruct.full_lm and demo_instruct.lm == "demo"
+    assert demo_instruct.data.endswith("train.json") and demo_instruct.vision == "out/mm-demo/clip/ckpt/vision"
+    assert demo_instruct.out_dir == "out/mm-demo/instruct"
+    _, (demo_align, _) = train_mm.stage_configs(["--stage=both"])
+    assert train_clip.PRESETS["demo"]["data"] == demo_align.data and demo_align.data.endswith("captions.json")
 
 
 def test_bad_options_are_refused():
-    for argv, words in ((["--stage=pretrain"], "--stage must be clip, align, instruct, both, all"),
+    for argv, words in ((["--stage=pretrain"], "--stage must be align, instruct, both"),
                         (["--quantize=fp8"], "--quantize"), (["--no_such_option=1"], "unknown option --no_such_option"),
-                        (["--features=x", "--train_vision"], "exclude each other")):
+                        (["--resume", "--eval"], "exclude each other")):
         with pytest.raises(SystemExit, match=words):
             train_mm.main(TINY + ["--data=x.json"] + argv)
-    assert train_mm.tower_overrides("hidden_size=128,hidden_act=gelu") == {"hidden_size": 128, "hidden_act": "gelu"}
+    assert train_clip.tower_overrides("hidden_size=128,hidden_act=gelu") == {"hidden_size": 128, "hidden_act": "gelu"}
     for bad in ("width=128", "hidden_size=wide", "hidden_size"):
         with pytest.raises(ValueError, match="--vision_config"):
-            train_mm.tower_overrides(bad)
+            train_clip.tower_overrides(bad)

@@ -22,7 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from clip_encoder import CLIPVision, cache_meta, load_image, meta_mismatches, preprocess  # noqa: E402
-from train_lm import parse_config  # noqa: E402
+from common import fail, parse_config, resolve_device  # noqa: E402
+from model import atomic_write, write_safetensors  # noqa: E402
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -33,9 +34,9 @@ class CacheConfig:
     vision: str = ""           # CLIP checkpoint folder or hub id
     out: str = ""              # cache folder
     layer: int = -2            # hidden_states index (LLaVA: -2)
-    drop_cls: bool = True
-    pad_to_square: bool = False
-    batch_size: int = 32
+    drop_cls: bool = True  # leave out the class token (LLaVA reads only the patches)
+    pad_to_square: bool = False  # pad images to a square (LLaVA-1.5) before resizing, instead of a center crop
+    batch_size: int = 32  # images per forward of the tower
     shard_size: int = 512      # images per shard file
     workers: int = 2           # background image-loading processes (0: load in the main process)
     device: str = "auto"       # auto: cuda when available
@@ -45,14 +46,14 @@ class CacheConfig:
 def parse_args(argv):
     """--key=value overrides of CacheConfig; a bare --flag sets a bool to true."""
     try:
-        config = parse_config(CacheConfig, argv)
+        config = parse_config(CacheConfig, argv, doc=__doc__)
+        for key in ("images", "vision", "out"):
+            if not getattr(config, key):
+                raise ValueError(f"--{key}=... is required")
+        if config.batch_size < 1 or config.shard_size < 1 or config.workers < 0:
+            raise ValueError("batch_size and shard_size must be >= 1, workers >= 0")
     except ValueError as err:
-        raise SystemExit(f"error: {err}")
-    for key in ("images", "vision", "out"):
-        if not getattr(config, key):
-            raise SystemExit(f"--{key}=... is required")
-    if config.batch_size < 1 or config.shard_size < 1 or config.workers < 0:
-        raise SystemExit("batch_size and shard_size must be >= 1, workers >= 0")
+        fail("cache_features.py", err)
     return config
 
 
@@ -102,13 +103,9 @@ def finished_images(out, meta):
 
 
 def write_shard(out, rank, features, meta):
-    from safetensors.torch import save_file
-
     seqs = [int(f.stem.rsplit("-", 1)[1]) for f in Path(out).glob(f"features-rank{rank:03d}-*.safetensors")]
     name = f"features-rank{rank:03d}-{max(seqs, default=0) + 1:05d}.safetensors"
-    tmp = Path(out) / (name + ".tmp")
-    save_file(features, str(tmp), metadata={"meta": json.dumps(meta)})
-    os.replace(tmp, Path(out) / name)
+    write_safetensors(features, Path(out) / name, metadata={"meta": json.dumps(meta)})
     return name
 
 
@@ -120,23 +117,19 @@ def write_index(out, meta):
         failed.update(json.loads(report.read_text()))
     failed = {k: v for k, v in sorted(failed.items()) if k not in files}
     index = {"meta": meta, "files": dict(sorted(files.items())), "failed": failed}
-    tmp = Path(out) / "index.json.tmp"
-    tmp.write_text(json.dumps(index, indent=1))
-    os.replace(tmp, Path(out) / "index.json")
+    atomic_write(Path(out) / "index.json", json.dumps(index, indent=1))
     return index
 
 
 def cache_features(config, *, rank=0, world_size=1, vision=None, log=print):
     """Cache this rank's share of the images; returns counts. `vision` may be passed already loaded."""
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and world_size > 1:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+    device = str(resolve_device(config.device, int(os.environ.get("LOCAL_RANK", rank))))
     dtype = config.dtype if config.dtype != "auto" else ("float16" if device.startswith("cuda") else "float32")
     if vision is None:
         vision = CLIPVision.from_pretrained(config.vision, dtype=dtype, device=device)
     vision.source = config.vision
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
     meta = cache_meta(vision, config.layer, config.drop_cls, config.pad_to_square)
     for stale in out.glob(f"features-rank{rank:03d}-*.safetensors.tmp"):
         stale.unlink()  # a shard that was being written when a previous run died
@@ -178,7 +171,13 @@ def cache_features(config, *, rank=0, world_size=1, vision=None, log=print):
 
 
 def main(argv=None):
-    config = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        run(parse_args(sys.argv[1:] if argv is None else argv))
+    except (ValueError, FileNotFoundError) as err:
+        fail("cache_features.py", err)
+
+
+def run(config):
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
     distributed = world_size > 1

@@ -10,22 +10,33 @@ Writes into out_dir:
                                             colour) for the per-type accuracy of train_mm.py --eval
     captions.json                           one caption record per train image ("A red circle.") for the align
                                             stage; shape and colour are read off that image's questions and answers
+    eval/                                   the test split in the formats of LLaVA's evaluation, for eval_mm.py:
+        pope/llava_pope_test.jsonl, pope/coco/coco_pope_{shape,colour}.json    "Is there a circle in the image?"
+        gqa/llava_gqa_testdev_balanced.jsonl, gqa/testdev_balanced_questions.json   every question, short answers
+        scienceqa/llava_test_CQM-A.json, scienceqa/problems.json, pid_splits.json  shape and colour as lettered options
+        MME/llava_mme.jsonl, MME/MME_Benchmark_release_version/{existence,color}/N.txt  a yes and a no per image
     meta.json                               counts and answers; written last, so its presence means "done"
 """
 
 import json
 import os
+import random
 import re
 import shutil
 import sys
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from common import fail, parse_config  # noqa: E402
 
 SHAPES = ("circle", "rectangle", "triangle")
 COLOURS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
 NEGATIONS = {"not", "no"}
 CAPTION_PROMPT = "Describe the image briefly."
-VERSION = 1
+VERSION = 2
+SHORT = "Answer the question using a single word or phrase."
 DEFAULT_OUT = Path(__file__).resolve().parent / "prepared"
 
 
@@ -89,10 +100,68 @@ def split_records(split, questions, answers, image_ids):
     return records
 
 
-def write_json(path, obj):
+def jsonl(rows):
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+def benchmark_files(questions, answers, image_ids, seed=0):
+    """{path under eval/: text} of the test split as LLaVA-format benchmarks: POPE (a yes and a no question per image
+    about its shape and about its colour, with label files), GQA (every question and its short answer), ScienceQA (the
+    shape and the colour as lettered options) and MME (the same yes/no pairs, one ground-truth file per image)."""
+    rng = random.Random(seed)
+    facts = image_facts(questions, answers, image_ids)
+    kinds = (("shape", "existence", SHAPES, "a {}"), ("colour", "color", COLOURS, "a {} shape"))
+    pope, labels, mme, files, sqa, problems = [], {}, [], {}, [], {}
+    for category, mme_category, names, say in kinds:
+        labels[category] = []
+        for image, fact in facts.items():
+            truth = fact[0] if category == "shape" else fact[1]
+            if truth is None:
+                continue
+            pair = [(truth, "yes"), (rng.choice([n for n in names if n != truth]), "no")]
+            rng.shuffle(pair)
+            for name, label in pair:
+                asked, path = f"Is there {say.format(name)} in the image?", f"test/{image}.png"
+                labels[category].append({"question_id": len(labels[category]) + 1, "image": path, "text": asked,
+                                         "label": label})
+                pope.append({"question_id": len(pope), "image": path, "text": f"{asked}\n{SHORT}",
+                             "category": category})
+                mme.append({"question_id": f"{mme_category}/{image}.png", "image": path, "text": f"{asked}\n{SHORT}"})
+            files[f"MME/MME_Benchmark_release_version/{mme_category}/{image}.txt"] = "".join(
+                f"Is there {say.format(name)} in the image? Please answer yes or no.\t{label.title()}\n"
+                for name, label in sorted(pair, key=lambda p: p[1] == "no"))
+            asked = "What shape is in the image?" if category == "shape" else "What color is the shape?"
+            choices = list(names) if len(names) <= 4 else [truth] + rng.sample([n for n in names if n != truth], 3)
+            rng.shuffle(choices)
+            pid, answer = str(len(problems)), choices.index(truth)
+            options = "\n".join(f"{'ABCD'[i]}. {c}" for i, c in enumerate(choices))
+            sqa.append({"id": pid, "image": f"test/{image}.png", "conversations": [
+                {"from": "human", "value": f"<image>\n{asked}\n{options}"}, {"from": "gpt", "value": "ABCD"[answer]}]})
+            problems[pid] = {"question": asked, "choices": choices, "answer": answer, "hint": "", "image": "image.png",
+                             "split": "test"}
+    gqa, gqa_truth = [], {}
+    for k, (question, answer, image) in enumerate(zip(questions, answers, image_ids)):
+        gqa.append({"question_id": str(k), "image": f"test/{image}.png", "text": f"{question}\n{SHORT}"})
+        gqa_truth[str(k)] = {"imageId": str(image), "question": question, "answer": answer, "types": {
+            "structural": "verify" if answer in ("yes", "no") else "query", "detailed": answer_type(answer)}}
+    files.update({"pope/llava_pope_test.jsonl": jsonl(pope), "MME/llava_mme.jsonl": jsonl(mme),
+                  "gqa/llava_gqa_testdev_balanced.jsonl": jsonl(gqa),
+                  "gqa/testdev_balanced_questions.json": json.dumps(gqa_truth),
+                  "scienceqa/llava_test_CQM-A.json": json.dumps(sqa, indent=1),
+                  "scienceqa/problems.json": json.dumps(problems),
+                  "scienceqa/pid_splits.json": json.dumps({"test": list(problems)}),
+                  **{f"pope/coco/coco_pope_{c}.json": jsonl(rows) for c, rows in labels.items()}})
+    return files
+
+
+def write_text(path, text):
     tmp = Path(f"{path}.tmp")
-    tmp.write_text(json.dumps(obj, indent=None))
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json(path, obj):
+    write_text(path, json.dumps(obj, indent=None))
 
 
 def is_prepared(out_dir=DEFAULT_OUT):
@@ -128,6 +197,15 @@ def prepare(out_dir=DEFAULT_OUT, log=print):
         meta[f"{split}_questions"] = len(records)
         meta[f"{split}_images"] = len(paths)
         meta[f"{split}_answer_types"] = dict(Counter(r["answer_type"] for r in records))
+        if split == "test":
+            files = benchmark_files(questions, answers, image_ids)
+            for relative, text in files.items():
+                (out / "eval" / relative).parent.mkdir(parents=True, exist_ok=True)
+                write_text(out / "eval" / relative, text)
+            meta["benchmarks"] = {"pope": len(files["pope/llava_pope_test.jsonl"].splitlines()),
+                                  "gqa": len(files["gqa/llava_gqa_testdev_balanced.jsonl"].splitlines()),
+                                  "sqa": len(json.loads(files["scienceqa/problems.json"])),
+                                  "mme": len(files["MME/llava_mme.jsonl"].splitlines())}
         if split == "train":
             facts = image_facts(questions, answers, image_ids)
             captions = [{"id": f"caption-{image}", "image": f"train/{image}.png",
@@ -143,8 +221,13 @@ def prepare(out_dir=DEFAULT_OUT, log=print):
     return out
 
 
+@dataclass
+class PrepareConfig:
+    out_dir: str = str(DEFAULT_OUT)  # where the images and JSON files go
+
+
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    if any(not a.startswith("--out_dir=") for a in args):
-        raise SystemExit("usage: python data/easyvqa/prepare.py [--out_dir=DIR]")
-    prepare(args[-1].split("=", 1)[1] if args else DEFAULT_OUT)
+    try:
+        prepare(parse_config(PrepareConfig, sys.argv[1:], doc=__doc__).out_dir)
+    except (ValueError, FileNotFoundError) as err:
+        fail("prepare.py", err)

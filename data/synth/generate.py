@@ -25,20 +25,20 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 from model import Phi  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
-from train_lm import parse_config  # noqa: E402
+from common import fail, parse_config, resolve_device  # noqa: E402
 
 
 @dataclass
 class GenerateConfig:
     model: str = ""  # HF folder (or hub id) of the model that writes the text
-    out_dir: str = "data/synth/out"
+    out_dir: str = "data/synth/out"  # where the rank*.jsonl files go
     prompts: str = ""  # a .txt (one prompt per line) or .jsonl ("prompt" field) file; empty: built-in topic seeds
     n: int = 1000  # samples in all, over all processes
-    max_new_tokens: int = 256
+    max_new_tokens: int = 256  # longest answer in tokens
     temperature: float = 0.8  # 0: greedy
-    top_p: float = 0.95
-    batch_size: int = 16
-    seed: int = 1337
+    top_p: float = 0.95  # nucleus sampling threshold
+    batch_size: int = 16  # prompts per batch of generation
+    seed: int = 1337  # seeds the initial weights, the data order and sampling
     device: str = "auto"  # auto: this rank's GPU if there is one, else cpu
     dtype: str = "auto"  # auto: bfloat16 on a GPU, float32 on a CPU
 
@@ -133,8 +133,7 @@ def left_pad(rows, pad_id):
 def generate(cfg):
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(f"cuda:{local_rank}" if cfg.device == "auto" and torch.cuda.is_available()
-                          else "cpu" if cfg.device == "auto" else cfg.device)
+    device = resolve_device(cfg.device, local_rank)
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
              "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
     prompts = load_prompts(cfg.prompts) if cfg.prompts else builtin_prompts()
@@ -179,9 +178,9 @@ def generate(cfg):
 
 def main(argv=None):
     try:
-        generate(parse_config(GenerateConfig, sys.argv[1:] if argv is None else argv))
+        generate(parse_config(GenerateConfig, sys.argv[1:] if argv is None else argv, doc=__doc__))
     except (ValueError, FileNotFoundError) as err:
-        sys.exit(f"generate.py: error: {err}")
+        fail("generate.py", err)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ The default corpus is the running interpreter's standard library (.py sources, .
 folders and without files over --max_file_bytes (large generated tables), about 14 MB of text.
 """
 
-import argparse
 import contextlib
 import hashlib
 import json
@@ -20,6 +19,7 @@ import os
 import sys
 import sysconfig
 import time
+from dataclasses import dataclass
 from multiprocessing import Pool
 from pathlib import Path
 
@@ -28,22 +28,16 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
-from tokenizer import EOS, Tokenizer  # noqa: E402
+from common import fail, parse_config  # noqa: E402
+from tokenizer import EOS, Tokenizer, tokenizer_fingerprint  # noqa: E402
 
 DEFAULT_OUT_DIR = REPO / "data" / "text" / "stdlib"
 CORPUS_SUFFIXES = (".txt", ".jsonl", ".parquet")
 STDLIB_SUFFIXES = (".py", ".rst", ".txt")
 STDLIB_SKIP_DIRS = {"test", "tests", "idle_test", "__pycache__", "site-packages", "dist-packages"}
 STDLIB_MAX_FILE_BYTES = 512_000
-FINGERPRINT_PROBE = "def f(x):\n\tif x:\n\t\t\treturn  x  # é 中文 🙂 don't\n" + " " * 40 + "end" + EOS
 CHUNK_CHARS = 1 << 20  # text sent to a worker at a time
 READ_CHARS = 1 << 24
-
-
-def tokenizer_fingerprint(tokenizer):
-    """A short hash of how the tokenizer encodes a fixed probe; data made by another tokenizer has another one."""
-    ids = np.array(tokenizer.encode(FINGERPRINT_PROBE), dtype=np.int64)
-    return hashlib.sha256(ids.tobytes()).hexdigest()[:16]
 
 
 def stdlib_dir():
@@ -262,30 +256,32 @@ def prepare(inputs=None, out_dir=DEFAULT_OUT_DIR, val_fraction=0.02, num_proc=0,
     return meta
 
 
+@dataclass
+class PrepareConfig:
+    input: str = ""  # files or folders of .txt/.jsonl/.parquet, separated by commas; empty: the Python standard library
+    out_dir: str = ""  # where train.bin, val.bin and meta.json go (required with --input; default: data/text/stdlib)
+    val_fraction: float = 0.02  # share of documents held out for val.bin (chosen by a hash of each document)
+    num_proc: int = 0  # worker processes; 0: all cores
+    max_bytes: int = 0  # stop after this much text; 0: no cap
+    max_file_bytes: int = -1  # skip larger files; -1: 512,000 for the standard library, no limit otherwise
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--input", action="append", default=[],
-                        help="file or folder of .txt/.jsonl/.parquet (repeat, or separate with commas); "
-                             "default: the Python standard library")
-    parser.add_argument("--out_dir", default=None, help=f"default: {DEFAULT_OUT_DIR} for the standard library")
-    parser.add_argument("--val_fraction", type=float, default=0.02)
-    parser.add_argument("--num_proc", type=int, default=0, help="worker processes (default: all cores)")
-    parser.add_argument("--max_bytes", type=int, default=0, help="stop after this much text (0: no cap)")
-    parser.add_argument("--max_file_bytes", type=int, default=None,
-                        help=f"skip larger files (default: {STDLIB_MAX_FILE_BYTES} for the standard library, none otherwise)")
-    args = parser.parse_args(argv)
-    inputs = [p for item in args.input for p in item.split(",") if p]
-    if inputs and args.out_dir is None:
-        parser.error("--out_dir is required with --input")
+    argv = sys.argv[1:] if argv is None else argv
     start = time.time()
     try:
-        meta = prepare(inputs or None, args.out_dir or DEFAULT_OUT_DIR, args.val_fraction, args.num_proc,
-                       args.max_bytes, args.max_file_bytes)
+        cfg = parse_config(PrepareConfig, argv, doc=__doc__)
+        inputs = [p for p in cfg.input.split(",") if p]
+        if inputs and not cfg.out_dir:
+            raise ValueError("--out_dir is required with --input")
+        out_dir = cfg.out_dir or DEFAULT_OUT_DIR
+        meta = prepare(inputs or None, out_dir, cfg.val_fraction, cfg.num_proc, cfg.max_bytes,
+                       None if cfg.max_file_bytes < 0 else cfg.max_file_bytes)
     except (ValueError, FileNotFoundError, ImportError) as err:
-        parser.exit(1, f"prepare.py: error: {err}\n")
+        fail("prepare.py", err)
     print(f"{meta['train_tokens']:,} train tokens ({meta['train_documents']:,} documents), {meta['val_tokens']:,} val "
           f"tokens ({meta['val_documents']:,} documents); {meta['duplicate_documents']} duplicates dropped, "
-          f"{meta['skipped_files']} unreadable files skipped; {time.time() - start:.1f}s -> {args.out_dir or DEFAULT_OUT_DIR}")
+          f"{meta['skipped_files']} unreadable files skipped; {time.time() - start:.1f}s -> {out_dir}")
 
 
 if __name__ == "__main__":
