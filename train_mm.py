@@ -18,10 +18,9 @@ data/llava/README.md), checked before the first step. Iteration i's batch is a f
 exactly (--resume) and N processes train like one. The run folder gets log.jsonl (with held-out loss and sample
 answers), loss.png and ckpt/, a multimodal checkpoint (multimodal.py) that generate.py, serve.py and eval_mm.py load.
 
-The demo's LM is a random 'demo' Phi (`--lm=out/lm-demo/ckpt`, the pretraining demo's model, works too), which cannot
-say the captions' words: a frozen output head caps every logit through the final LayerNorm, and a model pretrained
-on Python sources shares one output direction among the words it never saw. So the demo adapts lm_head with LoRA
-too, and trains LoRA already in align (--align_lora), where LLaVA trains the projector alone.
+The demo trains a random 'demo' Phi whole (--full_lm: LoRA on a random LM learns too little) with the projector on
+easy-vqa's questions (train_demo.json: the colour questions that name the picture's colour three times, since the
+comparison is learnt colour by colour from those alone; README), the tower frozen.
 """
 
 import json
@@ -125,9 +124,8 @@ class MMConfig(LoopConfig):
 # Per preset: "common" settings, then "align" and "instruct" settings on top for that stage.
 PRESETS = {
     # this CPU, offline: easy-vqa. The tower is train_clip.py's (a ViT from random weights that learnt from the
-    # captions CLIP's way), frozen; pooled to 4 tokens, it feeds a random 'demo' Phi with LoRA (the output head too):
-    # align trains projector and LoRA on the captions (the projector waits 50 iterations while LoRA learns the
-    # words), instruct goes on with the questions.
+    # captions CLIP's way), frozen; pooled to 4 tokens, it feeds a random 'demo' Phi that trains whole on the
+    # questions (instruct only: the caption stage slows the comparison down). The align settings serve --stage=both.
     "demo": {
         "common": dict(stage="instruct", image_folder=str(EASYVQA / "images"), eval_data=str(EASYVQA / "test.json"),
                        lm="demo", vision="out/mm-demo/clip/ckpt/vision", full_lm=True, beta2=0.95,
@@ -137,7 +135,7 @@ PRESETS = {
                        log_interval=20, warmup_iters=20, weight_decay=0.0, group_size=2, max_new_tokens=8),
         "align": dict(data=str(EASYVQA / "captions.json"), batch_size=64, max_iters=100, lr=1e-3, min_lr=1e-4,
                       freeze_image_iters=30),
-        "instruct": dict(data=str(EASYVQA / "train.json"), batch_size=64, max_iters=1000, lr=1e-3, min_lr=1e-4),
+        "instruct": dict(data=str(EASYVQA / "train_demo.json"), batch_size=64, max_iters=1000, lr=1e-3, min_lr=1e-4),
     },
     # tests: a tiny LM and tower from random weights, a few iterations
     "tiny": {
@@ -549,7 +547,7 @@ def main(argv=None):
 def run(first, configs, d):
     start = time.time()
     if Path(first.image_folder).resolve() == (EASYVQA / "images").resolve():
-        prepare_once(d, EASYVQA / "meta.json", REPO / "data" / "easyvqa" / "prepare.py", what="easy-vqa")
+        prepare_once(d, EASYVQA / "train_demo.json", REPO / "data" / "easyvqa" / "prepare.py", what="easy-vqa")
     if first.eval:
         evaluate(first, find_mm_checkpoint(first.init or first.out_dir), d)
         return

@@ -164,3 +164,19 @@ def test_easyvqa_package_counts():
     facts = easyvqa.image_facts(*train_questions)
     assert len(facts) == 4000 and sum(1 for s, c in facts.values() if s and c) > 3400
     assert sorted(easyvqa.SHAPES + easyvqa.COLOURS + ("yes", "no")) == sorted(easy_vqa.get_answers())
+
+
+def test_easyvqa_demo_set_repeats_only_colour_questions_naming_the_pictures_colour():
+    questions = ["is there a blue shape?", "is there a red shape?", "is there not a blue shape?",
+                 "does the image not contain a red shape?", "is there a circle?", "what color is the shape?"]
+    answers = ["yes", "no", "no", "yes", "yes", "blue"]  # image 0: a blue circle
+    records = easyvqa.split_records("train", questions, answers, [0] * len(questions))
+    demo = easyvqa.demo_records(records)
+    repeated = [r["id"] for r in records if easyvqa.names_present_colour(r)]
+    assert repeated == ["train-0-0", "train-0-2"]  # "blue" asked of the blue picture, negated or not; never a shape
+    assert len(demo) == len(records) + 2 * (easyvqa.COLOUR_MATCH_REPEATS - 1)
+    assert [r["id"] for r in demo[:3]] == ["train-0-0", "train-0-0-r1", "train-0-0-r2"]
+    assert demo[1]["conversations"] == records[0]["conversations"]
+    assert len({r["id"] for r in demo}) == len(demo)
+    good, _ = llava.validate(demo, "", check_images="none")
+    assert len(good) == len(demo)

@@ -463,7 +463,7 @@ def test_stage_configs():
     assert alone.vision == "tower" and alone.lm == ""
     demo, (demo_instruct,) = train_mm.stage_configs([])  # the demo trains a random LM whole: no align stage
     assert demo.stage == "instruct" and demo_instruct.full_lm and demo_instruct.lm == "demo"
-    assert demo_instruct.data.endswith("train.json") and demo_instruct.vision == "out/mm-demo/clip/ckpt/vision"
+    assert demo_instruct.data.endswith("train_demo.json") and demo_instruct.vision == "out/mm-demo/clip/ckpt/vision"
     assert demo_instruct.out_dir == "out/mm-demo/instruct"
     _, (demo_align, _) = train_mm.stage_configs(["--stage=both"])
     assert train_clip.PRESETS["demo"]["data"] == demo_align.data and demo_align.data.endswith("captions.json")

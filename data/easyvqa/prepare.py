@@ -8,6 +8,10 @@ Writes into out_dir:
     images/train/N.png, images/test/N.png   copies of the package's images (the image folder of the JSONs)
     train.json, test.json                   one single-turn record per question, with "answer_type" (yes/no, shape,
                                             colour) for the per-type accuracy of train_mm.py --eval
+    train_demo.json                         train.json with every colour yes/no question whose colour is in the
+                                            picture three times (ids -r1, -r2 for the copies): the demo's training
+                                            set. Only 1 in 8 of those questions names the picture's colour, and the
+                                            comparison is learnt colour by colour from just these (README)
     captions.json                           one caption record per train image ("A red circle.") for the align
                                             stage; shape and colour are read off that image's questions and answers
     eval/                                   the test split in the formats of LLaVA's evaluation, for eval_mm.py:
@@ -35,7 +39,8 @@ SHAPES = ("circle", "rectangle", "triangle")
 COLOURS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
 NEGATIONS = {"not", "no"}
 CAPTION_PROMPT = "Describe the image briefly."
-VERSION = 2
+VERSION = 3
+COLOUR_MATCH_REPEATS = 3
 SHORT = "Answer the question using a single word or phrase."
 DEFAULT_OUT = Path(__file__).resolve().parent / "prepared"
 
@@ -98,6 +103,22 @@ def split_records(split, questions, answers, image_ids):
                                           {"from": "gpt", "value": answer}],
                         "answer_type": answer_type(answer)})
     return records
+
+
+def names_present_colour(record):
+    """A colour yes/no question whose colour is the picture's ("is there a red shape?" of a red shape)."""
+    words = set(re.findall(r"[a-z]+", record["conversations"][0]["value"]))
+    return (record["answer_type"] == "yes/no" and bool(words & set(COLOURS))
+            and (record["conversations"][1]["value"] == "yes") != bool(words & NEGATIONS))
+
+
+def demo_records(records, repeats=COLOUR_MATCH_REPEATS):
+    out = []
+    for r in records:
+        out.append(r)
+        if names_present_colour(r):
+            out += [dict(r, id=f"{r['id']}-r{k}") for k in range(1, repeats)]
+    return out
 
 
 def jsonl(rows):
@@ -207,6 +228,7 @@ def prepare(out_dir=DEFAULT_OUT, log=print):
                                   "sqa": len(json.loads(files["scienceqa/problems.json"])),
                                   "mme": len(files["MME/llava_mme.jsonl"].splitlines())}
         if split == "train":
+            train_records = records
             facts = image_facts(questions, answers, image_ids)
             captions = [{"id": f"caption-{image}", "image": f"train/{image}.png",
                          "conversations": [{"from": "human", "value": f"<image>\n{CAPTION_PROMPT}"},
@@ -215,6 +237,7 @@ def prepare(out_dir=DEFAULT_OUT, log=print):
             write_json(out / "captions.json", captions)
             meta["captions"] = len(captions)
             meta["captions_complete"] = sum(1 for s, c in facts.values() if s and c)
+    write_json(out / "train_demo.json", demo_records(train_records))  # second to last: train_mm.py waits for it
     write_json(out / "meta.json", meta)
     log(f"easy-vqa: {meta['train_questions']:,} train / {meta['test_questions']:,} test questions, "
         f"{meta['captions']:,} captions ({meta['captions_complete']:,} with shape and colour)")
