@@ -55,6 +55,11 @@ def answer_type(answer):
     raise ValueError(f"easy-vqa answer {answer!r} is neither yes/no, a shape nor a colour")
 
 
+def named_is_present(words, answer):
+    """Whether what a yes/no question names is in the picture: its answer, flipped by a negation."""
+    return (answer == "yes") != bool(words & NEGATIONS)
+
+
 def image_facts(questions, answers, image_ids):
     """{image id: (shape or None, colour or None)} inferred from the questions: direct answers, the shape or colour a
     question names, yes/no answers (a negated question flips them), and elimination of what an image does not have."""
@@ -65,7 +70,7 @@ def image_facts(questions, answers, image_ids):
         named = {"shape": words & set(SHAPES), "colour": words & set(COLOURS)}
         kind = answer_type(answer)
         if kind == "yes/no":
-            present = (answer == "yes") != bool(words & NEGATIONS)
+            present = named_is_present(words, answer)
             for attribute, names in named.items():
                 for name in names:
                     if present:
@@ -109,7 +114,7 @@ def names_present_colour(record):
     """A colour yes/no question whose colour is the picture's ("is there a red shape?" of a red shape)."""
     words = set(re.findall(r"[a-z]+", record["conversations"][0]["value"]))
     return (record["answer_type"] == "yes/no" and bool(words & set(COLOURS))
-            and (record["conversations"][1]["value"] == "yes") != bool(words & NEGATIONS))
+            and named_is_present(words, record["conversations"][1]["value"]))
 
 
 def demo_records(records, repeats=COLOUR_MATCH_REPEATS):
